@@ -1,0 +1,35 @@
+"""The admin port: bioproxy's own health and Prometheus metrics."""
+
+import time
+
+from flask import Blueprint, Response, current_app, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .metrics import do_not_track
+
+bp = Blueprint("admin", __name__)
+bp.before_request(do_not_track)
+
+
+@bp.get("/health", host="admin")
+def health():
+    """bioproxy's status: 200 when llama.cpp answers, 503 while it is down or loading."""
+    state = current_app.extensions["bioproxy"]
+    backend, detail = state.upstream.health()
+    body = {
+        "status": "ok" if backend == "ok" else "degraded",
+        "uptime_seconds": round(time.monotonic() - state.started, 3),
+        "backend": {"url": state.upstream.base_url, "status": backend},
+    }
+    if detail:
+        body["backend"]["detail"] = detail
+    response = jsonify(body)
+    response.status_code = 200 if backend == "ok" else 503
+    return response
+
+
+@bp.get("/metrics", host="admin")
+def metrics():
+    """Every metric in Prometheus' text format."""
+    registry = current_app.extensions["bioproxy"].metrics.registry
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

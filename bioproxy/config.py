@@ -1,0 +1,172 @@
+"""Settings: defaults, then the JSON config file, then BIOPROXY_* environment, then overrides."""
+
+import dataclasses
+import json
+import os
+from urllib.parse import urlsplit
+
+DEFAULT_PATH = "~/.config/bioproxy/config.json"
+
+
+class ConfigError(Exception):
+    """A configuration problem, described in one line that names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting bioproxy reads; field names are the config file's keys."""
+
+    # Keys carried over from the original Go bioproxy.
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = 8088
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8089
+    backend_url: str = "http://localhost:8081"
+    warmup_check_interval: float = 30.0
+    prefixes: dict = dataclasses.field(default_factory=dict)
+    # Limits and timeouts of the proxy.
+    max_request_bytes: int = 8 * 1024 * 1024
+    connect_timeout: float = 3.0
+    upstream_timeout: float = 600.0
+    health_timeout: float = 2.0
+
+    @property
+    def proxy_bind(self):
+        return _bind_address(self.proxy_host, self.proxy_port)
+
+    @property
+    def admin_bind(self):
+        return _bind_address(self.admin_host, self.admin_port)
+
+
+FIELDS = {field.name: field for field in dataclasses.fields(Settings)}
+
+
+def env_name(key):
+    """The environment variable that overrides a config key."""
+    return "BIOPROXY_" + key.upper()
+
+
+def config_path(environ=None):
+    """The config file to read: $BIOPROXY_CONFIG, else the default path."""
+    environ = os.environ if environ is None else environ
+    named = environ.get("BIOPROXY_CONFIG")
+    if named:
+        return os.path.expanduser(named)
+    home = environ.get("HOME") or os.path.expanduser("~")
+    return os.path.join(home, DEFAULT_PATH.removeprefix("~/"))
+
+
+def read_file(path, required):
+    """The raw key/value pairs of a JSON config file ({} if absent and not required)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return values
+
+
+def read_environ(environ):
+    """The BIOPROXY_* overrides found in an environment, parsed to their key's type."""
+    values = {}
+    for key, field in FIELDS.items():
+        name = env_name(key)
+        if name in environ:
+            values[key] = _parse_env(name, environ[name], field.type)
+    return values
+
+
+def load(overrides=None, environ=None):
+    """Settings from every source, validated; raises ConfigError on the first problem."""
+    environ = os.environ if environ is None else environ
+    path = config_path(environ)
+    values = {}
+    for source, layer in (
+        (path, read_file(path, required="BIOPROXY_CONFIG" in environ)),
+        ("environment", read_environ(environ)),
+        ("overrides", overrides or {}),
+    ):
+        for key, value in layer.items():
+            _check(key, value, source)
+            values[key] = value
+    settings = Settings(**values)
+    if settings.proxy_port == settings.admin_port:
+        raise ConfigError(f"proxy_port and admin_port are both {settings.proxy_port}")
+    return settings
+
+
+def _parse_env(name, text, kind):
+    try:
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is dict:
+            return json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{name}: expected {_describe(kind)}, got {text!r}") from None
+    return text
+
+
+def _check(key, value, source):
+    if key not in FIELDS:
+        raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(FIELDS)})")
+    kind = FIELDS[key].type
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {_describe(kind)}, got {value!r}")
+    problem = _problem(key, value)
+    if problem:
+        raise ConfigError(f"{source}: {key} {problem}, got {value!r}")
+
+
+def _problem(key, value):
+    """What is wrong with a value of the right type, or None."""
+    if key.endswith("_port") and not 1 <= value <= 65535:
+        return "must be a port number from 1 to 65535"
+    if key.endswith("_host") and not value.strip():
+        return "must not be empty"
+    if key == "backend_url":
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return "must be an http:// or https:// URL with a host"
+        try:
+            parts.port  # noqa: B018 - reading it validates it
+        except ValueError:
+            return "has an invalid port"
+        if parts.query or parts.fragment:
+            return "must not have a query or fragment"
+    positive = key in ("warmup_check_interval", "max_request_bytes") or key.endswith("_timeout")
+    if positive and value <= 0:
+        return "must be greater than 0"
+    if key == "prefixes":
+        for prefix, template in value.items():
+            if not prefix or prefix != prefix.strip() or " " in prefix:
+                return f"has a prefix {prefix!r} that is empty or holds spaces"
+            if not isinstance(template, str) or not template:
+                return f"maps {prefix!r} to {template!r}, which is not a file path"
+    return None
+
+
+def _describe(kind):
+    return {int: "an integer", float: "a number", str: "a string", dict: "a JSON object"}[kind]
+
+
+def _bind_address(host, port):
+    # gunicorn wants IPv6 literals in brackets.
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"

@@ -1,0 +1,92 @@
+"""Errors bioproxy raises, and the handlers that turn them into OpenAI-style JSON."""
+
+import errno
+import logging
+
+from flask import jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class BioproxyError(Exception):
+    """An error bioproxy answers itself, with an HTTP status and an OpenAI error type."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+class BadRequest(BioproxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "bad_request"
+
+
+class RequestTooLarge(BioproxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamError(BioproxyError):
+    """llama.cpp failed before its response started."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """llama.cpp refused, reset or garbled the connection before answering."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """llama.cpp sent no response headers within the configured timeout."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamCut(ConnectionResetError):
+    """llama.cpp failed after the response started; the client connection must be dropped.
+
+    It is a ConnectionResetError on purpose: that is what tells the WSGI server to close
+    the client's socket at once, without the final chunk that would mark the body complete.
+    """
+
+    def __init__(self, message):
+        super().__init__(errno.ECONNRESET, message)
+
+
+def error_response(status, message, type_, code):
+    """An OpenAI-style JSON error response."""
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def init_app(app):
+    """Answer every error bioproxy produces with JSON, never an HTML page."""
+
+    @app.errorhandler(BioproxyError)
+    def handle_bioproxy_error(e):
+        return error_response(e.status, str(e), e.type, e.code)
+
+    @app.errorhandler(HTTPException)
+    def handle_http_exception(e):
+        type_ = "invalid_request_error" if e.code < 500 else "server_error"
+        if e.code == 404:
+            type_ = "not_found_error"
+        code = (e.name or "error").lower().replace(" ", "_")
+        response = error_response(e.code, e.description, type_, code)
+        for name, value in e.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(e):
+        log.exception("unexpected error")
+        return error_response(500, "internal error in bioproxy", "server_error", "internal_error")

@@ -1,0 +1,94 @@
+"""The proxy port: every request goes on to llama.cpp and its answer streams back."""
+
+from urllib.parse import quote
+
+from flask import Blueprint, Response, current_app, request
+
+from . import upstream as upstream_module
+from .errors import RequestTooLarge, UpstreamCut, UpstreamError
+
+bp = Blueprint("proxy", __name__)
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+class PassthroughResponse(Response):
+    """A response that adds no Content-Type of its own when llama.cpp sent none."""
+
+    default_mimetype = None
+
+
+@bp.route("/", defaults={"path": ""}, methods=METHODS, host="proxy")
+@bp.route("/<path:path>", methods=METHODS, host="proxy")
+def forward(path):
+    """Forward the request as it came and stream llama.cpp's answer back."""
+    state = current_app.extensions["bioproxy"]
+    body = read_body(request, state.settings.max_request_bytes)
+    headers = upstream_module.end_to_end(
+        list(request.headers.items()), upstream_module.REQUEST_OWNED
+    )
+    headers += forwarded_headers(request)
+    metrics = state.metrics
+    metrics.in_flight.inc()
+    try:
+        answer = state.upstream.send(request.method, request_target(request.environ), headers, body)
+    except BaseException as e:
+        metrics.in_flight.dec()
+        if isinstance(e, UpstreamError):
+            metrics.upstream_errors.labels(e.code).inc()
+        raise
+    response = PassthroughResponse(
+        stream_body(answer, metrics),
+        status=answer.status_code,
+        headers=upstream_module.end_to_end(
+            list(answer.headers.items()), upstream_module.RESPONSE_OWNED
+        ),
+    )
+    # Also runs when the body is never iterated (HEAD, or a client gone early).
+    response.call_on_close(answer.close)
+    response.call_on_close(metrics.in_flight.dec)
+    return response
+
+
+def stream_body(answer, metrics):
+    """The upstream body as it arrives, counting a cut-off as an upstream error."""
+    try:
+        yield from upstream_module.iter_body(answer)
+    except UpstreamCut:
+        metrics.upstream_errors.labels("upstream_cut").inc()
+        raise
+
+
+def read_body(req, limit):
+    """The whole request body, or RequestTooLarge past limit bytes."""
+    too_large = RequestTooLarge(f"request body is larger than max_request_bytes ({limit} bytes)")
+    if req.content_length is not None and req.content_length > limit:
+        raise too_large
+    # gunicorn marks its input as terminated, so Werkzeug does not limit a chunked
+    # body (one without Content-Length): read one byte past the limit to catch it.
+    body = req.stream.read(limit + 1)
+    if len(body) > limit:
+        raise too_large
+    return body
+
+
+def request_target(environ):
+    """The path and query exactly as the client sent them."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
+    if raw.startswith("/"):
+        return raw
+    # Not under gunicorn (tests), or an absolute-form target: rebuild it.
+    path = quote(environ.get("PATH_INFO", "").encode("latin-1"), safe="/:@!$&'()*+,;=-._~%")
+    query = environ.get("QUERY_STRING")
+    return f"{path}?{query}" if query else path
+
+
+def forwarded_headers(req):
+    """X-Forwarded-* headers that tell llama.cpp who the client is."""
+    prior = req.headers.get("X-Forwarded-For")
+    client = req.remote_addr or "unknown"
+    return [
+        ("X-Forwarded-For", f"{prior}, {client}" if prior else client),
+        ("X-Forwarded-Proto", req.scheme),
+        ("X-Forwarded-Host", req.host),
+    ]

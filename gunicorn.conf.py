@@ -1,0 +1,40 @@
+"""gunicorn settings for bioproxy: `gunicorn -c gunicorn.conf.py wsgi:app`.
+
+Addresses come from bioproxy's own configuration (config file and BIOPROXY_*
+environment), so gunicorn and the app always agree on which port is the admin port.
+"""
+
+import sys
+
+# Module-level names are read as gunicorn settings, so bioproxy's own are kept private.
+from bioproxy import config as _config
+
+try:
+    _settings = _config.load()
+except _config.ConfigError as _e:
+    sys.exit(f"bioproxy: configuration error: {_e}")
+
+# Listeners: the proxy first, then the admin port.
+bind = [_settings.proxy_bind, _settings.admin_bind]
+
+# Workers: one gevent worker. Slot state, the warmup queue and the metrics live
+# in this one process; gevent gives it thousands of concurrent connections.
+workers = 1
+worker_class = "gevent"
+worker_connections = 1000
+preload_app = False
+
+# Timeouts: with gevent, `timeout` is only the worker heartbeat; long generations
+# are bounded by bioproxy's upstream_timeout instead.
+timeout = 30
+graceful_timeout = 30
+keepalive = 5
+
+# Logging: to stderr, where a service manager collects it.
+accesslog = "-"
+errorlog = "-"
+loglevel = "info"
+
+# gunicorn's control socket has one default path per user, so two servers on a machine
+# would contend for it; bioproxy's admin port is its control surface instead.
+control_socket_disable = True

@@ -1,0 +1,38 @@
+"""Real components: a llama-server with the bundled model, and bioproxy under gunicorn.
+
+A missing llama-server or model is an error here, never a skip: run scripts/setup.
+"""
+
+import pytest
+
+from bioproxy.llamacpp import LlamaServer
+from tests.servers import Bioproxy, free_port
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+def start_llama(folder, slots=2):
+    return LlamaServer(
+        free_port(),
+        slots=slots,
+        context=4096 * slots,
+        slot_save_path=str(folder / "slots"),
+        log_path=str(folder / "llama-server.log"),
+    )
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory):
+    """One llama-server shared by the tests that leave it as they found it."""
+    with start_llama(tmp_path_factory.mktemp("llama")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def bioproxy(llama, tmp_path_factory):
+    with Bioproxy(llama.url, tmp_path_factory.mktemp("bioproxy")) as server:
+        yield server

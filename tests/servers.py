@@ -1,0 +1,101 @@
+"""Real servers on free loopback ports, for the integration tests and the benchmarks."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Bioproxy:
+    """bioproxy under real gunicorn with its gevent worker, configured by BIOPROXY_* variables."""
+
+    def __init__(self, backend_url, workdir, **settings):
+        self.proxy_port = free_port()
+        self.admin_port = free_port()
+        self.log_path = os.path.join(workdir, "gunicorn.log")
+        config_path = os.path.join(workdir, "config.json")
+        with open(config_path, "w") as f:
+            f.write("{}")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BIOPROXY_")}
+        settings = {
+            "backend_url": backend_url,
+            "proxy_port": self.proxy_port,
+            "admin_port": self.admin_port,
+            **settings,
+        }
+        self.env["BIOPROXY_CONFIG"] = config_path
+        for key, value in settings.items():
+            text = json.dumps(value) if isinstance(value, dict) else str(value)
+            self.env["BIOPROXY_" + key.upper()] = text
+        self.process = None
+
+    @property
+    def proxy_url(self):
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def admin_url(self):
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self):
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    def wait_ready(self, timeout=30.0):
+        """Wait until the admin port answers (whatever llama.cpp's state)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                requests.get(self.admin_url + "/health", timeout=5)
+                return self
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"bioproxy not ready after {timeout:g} s:\n{self.log()}")
+
+    def stop(self, timeout=15.0):
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def __enter__(self):
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc):
+        self.stop()

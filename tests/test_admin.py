@@ -1,0 +1,75 @@
+"""The admin port: health and metrics, with llama.cpp faked by `responses`."""
+
+import requests
+import responses
+
+from tests.conftest import BACKEND
+
+
+@responses.activate
+def test_health_is_200_when_llama_cpp_answers(admin):
+    responses.get(f"{BACKEND}/health", json={"status": "ok"})
+
+    answer = admin.get("/health")
+
+    assert answer.status_code == 200
+    body = answer.get_json()
+    assert body["status"] == "ok"
+    assert body["backend"] == {"url": BACKEND, "status": "ok"}
+    assert body["uptime_seconds"] >= 0
+
+
+@responses.activate
+def test_health_is_503_while_llama_cpp_loads(admin):
+    responses.get(
+        f"{BACKEND}/health",
+        status=503,
+        json={"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
+    )
+
+    answer = admin.get("/health")
+
+    assert answer.status_code == 503
+    body = answer.get_json()
+    assert body["status"] == "degraded"
+    assert body["backend"]["status"] == "loading"
+    assert body["backend"]["detail"] == "Loading model"
+
+
+@responses.activate
+def test_health_is_503_when_llama_cpp_is_down(admin):
+    responses.get(f"{BACKEND}/health", body=requests.ConnectionError("connection refused"))
+
+    answer = admin.get("/health")
+
+    assert answer.status_code == 503
+    assert answer.get_json()["backend"]["status"] == "down"
+    assert "connection refused" in answer.get_json()["backend"]["detail"]
+
+
+@responses.activate
+def test_admin_port_answers_only_its_own_paths(admin):
+    answer = admin.get("/v1/models")
+
+    assert answer.status_code == 404
+    assert answer.get_json()["error"]["type"] == "not_found_error"
+    assert len(responses.calls) == 0
+
+
+def test_admin_rejects_other_methods_with_json(admin):
+    answer = admin.post("/health")
+
+    assert answer.status_code == 405
+    assert answer.get_json()["error"]["code"] == "method_not_allowed"
+    assert "GET" in answer.headers["Allow"]
+
+
+def test_metrics_are_prometheus_text(admin):
+    answer = admin.get("/metrics")
+
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"].startswith("text/plain")
+    text = answer.get_data(as_text=True)
+    assert "# TYPE bioproxy_http_request_duration_seconds histogram" in text
+    assert "# TYPE bioproxy_upstream_errors_total counter" in text
+    assert "# TYPE bioproxy_requests_in_flight gauge" in text

@@ -1,0 +1,99 @@
+"""Request metrics: bounded labels, upstream errors, requests in flight."""
+
+import re
+
+import pytest
+import requests
+import responses
+from prometheus_client.parser import text_string_to_metric_families
+
+from bioproxy.metrics import endpoint
+from tests.conftest import BACKEND
+
+
+def samples(admin):
+    """{(name, sorted labels): value} from the admin port's /metrics."""
+    text = admin.get("/metrics").get_data(as_text=True)
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def request_count(admin, path_label, status):
+    key = (
+        "bioproxy_http_request_duration_seconds_count",
+        (("endpoint", path_label), ("method", "GET"), ("status", status)),
+    )
+    return samples(admin).get(key, 0)
+
+
+class FakeRequest:
+    def __init__(self, path):
+        self.path = path
+
+
+@pytest.mark.parametrize(
+    "path, label",
+    [
+        ("/v1/chat/completions", "/v1/chat/completions"),
+        ("/health", "/health"),
+        ("/slots/3", "/slots/{id}"),
+        ("/slots/x", "other"),
+        ("/random/path/123", "other"),
+        ("/v1/chat/completions/extra", "other"),
+    ],
+)
+def test_endpoint_label_is_bounded(path, label):
+    assert endpoint(FakeRequest(path)) == label
+
+
+@responses.activate
+def test_requests_are_counted_by_endpoint_and_status(client, admin):
+    responses.get(re.compile(f"{BACKEND}/.*"), json={})
+
+    client.get("/v1/models")
+    client.get("/v1/models")
+    for n in range(5):
+        client.get(f"/no/such/path/{n}")
+
+    assert request_count(admin, "/v1/models", "200") == 2
+    assert request_count(admin, "other", "200") == 5
+    labels = {dict(k[1]).get("endpoint") for k in samples(admin)} - {None}
+    assert labels == {"/v1/models", "other"}
+
+
+@responses.activate
+def test_admin_requests_are_not_counted(admin):
+    admin.get("/metrics")
+    admin.get("/metrics")
+
+    assert not any(
+        name == "bioproxy_http_request_duration_seconds_count" for name, _ in samples(admin)
+    )
+
+
+@responses.activate
+def test_upstream_errors_are_counted_by_kind(client, admin):
+    responses.get(f"{BACKEND}/a", body=requests.ConnectionError("refused"))
+    responses.get(f"{BACKEND}/b", body=requests.ReadTimeout("slow"))
+
+    client.get("/a")
+    client.get("/b")
+    client.get("/b")
+
+    found = samples(admin)
+    assert found[("bioproxy_upstream_errors_total", (("kind", "upstream_unavailable"),))] == 1
+    assert found[("bioproxy_upstream_errors_total", (("kind", "upstream_timeout"),))] == 2
+    assert found[("bioproxy_requests_in_flight", ())] == 0
+
+
+@responses.activate
+def test_a_streamed_response_is_in_flight_until_closed(client, admin):
+    responses.get(f"{BACKEND}/stream", body=b"data: 1\n\n")
+
+    answer = client.get("/stream", buffered=False)
+    assert samples(admin)[("bioproxy_requests_in_flight", ())] == 1
+    answer.close()
+    assert samples(admin)[("bioproxy_requests_in_flight", ())] == 0

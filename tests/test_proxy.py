@@ -1,0 +1,249 @@
+"""The proxy port, with llama.cpp faked by `responses`."""
+
+import gzip
+import io
+import json
+
+import pytest
+import requests
+import responses
+
+from tests.conftest import BACKEND
+
+
+@responses.activate
+def test_forwards_method_path_query_body_and_headers(client):
+    responses.post(f"{BACKEND}/v1/chat/completions", json={"ok": True})
+    body = b'{"messages": [{"role": "user", "content": "hi \xc3\xa9"}]}'
+
+    answer = client.post(
+        "/v1/chat/completions?trace=1&x=a%20b",
+        data=body,
+        headers={"Content-Type": "application/json", "Authorization": "Bearer k", "X-Custom": "1"},
+    )
+
+    assert answer.status_code == 200
+    sent = responses.calls[0].request
+    assert sent.method == "POST"
+    assert sent.url == f"{BACKEND}/v1/chat/completions?trace=1&x=a%20b"
+    assert sent.body == body
+    assert sent.headers["Content-Type"] == "application/json"
+    assert sent.headers["Authorization"] == "Bearer k"
+    assert sent.headers["X-Custom"] == "1"
+    assert sent.headers["Content-Length"] == str(len(body))
+
+
+@responses.activate
+def test_keeps_the_raw_request_target(client):
+    responses.get(f"{BACKEND}/a%2Fb/c", body=b"")
+
+    client.get("/a%2Fb/c", environ_overrides={"RAW_URI": "/a%2Fb/c"})
+
+    assert responses.calls[0].request.url == f"{BACKEND}/a%2Fb/c"
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE", "OPTIONS"])
+@responses.activate
+def test_forwards_every_method(client, method):
+    responses.add(method, f"{BACKEND}/slots/0", body=b"done")
+
+    answer = client.open("/slots/0", method=method)
+
+    assert answer.status_code == 200
+    assert responses.calls[0].request.method == method
+
+
+@responses.activate
+def test_drops_hop_by_hop_request_headers_and_adds_forwarded_ones(client):
+    responses.get(f"{BACKEND}/props", json={})
+
+    client.get(
+        "/props",
+        headers={
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "1",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic Zm9vOmJhcg==",
+            "Upgrade": "websocket",
+            "X-Forwarded-For": "10.0.0.1",
+        },
+        environ_overrides={"REMOTE_ADDR": "192.0.2.7"},
+    )
+
+    sent = responses.calls[0].request.headers
+    for name in (
+        "Connection",
+        "X-Secret-Hop",
+        "Keep-Alive",
+        "TE",
+        "Proxy-Authorization",
+        "Upgrade",
+    ):
+        assert name not in sent
+    assert sent["X-Forwarded-For"] == "10.0.0.1, 192.0.2.7"
+    assert sent["X-Forwarded-Proto"] == "http"
+    assert sent["X-Forwarded-Host"] == "localhost:8088"
+
+
+@responses.activate
+def test_passes_status_headers_and_body_back_but_not_hop_by_hop_headers(client):
+    responses.get(
+        f"{BACKEND}/v1/models",
+        status=418,
+        body=b"\x00raw bytes\xff",
+        content_type="application/octet-stream",
+        headers={
+            "X-Upstream": "yes",
+            "Connection": "X-Hop",
+            "X-Hop": "secret",
+            "Keep-Alive": "timeout=5",
+            "Server": "llama.cpp",
+        },
+    )
+
+    answer = client.get("/v1/models")
+
+    assert answer.status_code == 418
+    assert answer.get_data() == b"\x00raw bytes\xff"
+    assert answer.headers["Content-Type"] == "application/octet-stream"
+    assert answer.headers["X-Upstream"] == "yes"
+    for name in ("X-Hop", "Keep-Alive", "Connection", "Server"):
+        assert name not in answer.headers
+
+
+@responses.activate
+def test_passes_a_gzip_body_as_bytes_with_true_headers(client):
+    payload = json.dumps({"data": ["x" * 2000]}).encode()
+    compressed = gzip.compress(payload)
+    responses.get(
+        f"{BACKEND}/v1/models",
+        body=compressed,
+        content_type="application/json",
+        headers={"Content-Encoding": "gzip", "Content-Length": str(len(compressed))},
+    )
+
+    answer = client.get("/v1/models", headers={"Accept-Encoding": "gzip"})
+
+    assert answer.get_data() == compressed
+    assert answer.headers["Content-Encoding"] == "gzip"
+    assert answer.headers["Content-Length"] == str(len(compressed))
+    assert gzip.decompress(answer.get_data()) == payload
+    assert responses.calls[0].request.headers["Accept-Encoding"] == "gzip"
+
+
+@responses.activate
+def test_adds_no_content_type_of_its_own(client):
+    responses.delete(f"{BACKEND}/thing", status=204, body=b"", content_type=None)
+
+    answer = client.delete("/thing")
+
+    assert answer.status_code == 204
+    assert "Content-Type" not in answer.headers
+
+
+@responses.activate
+def test_admin_paths_on_the_proxy_port_go_to_llama_cpp(client):
+    responses.get(f"{BACKEND}/health", json={"status": "ok"})
+    responses.get(f"{BACKEND}/metrics", body="llamacpp:prompt_tokens_total 1\n")
+
+    assert client.get("/health").get_json() == {"status": "ok"}
+    assert client.get("/metrics").get_data() == b"llamacpp:prompt_tokens_total 1\n"
+    assert [c.request.url for c in responses.calls] == [f"{BACKEND}/health", f"{BACKEND}/metrics"]
+
+
+def assert_openai_error(answer, status, code):
+    assert answer.status_code == status
+    assert answer.headers["Content-Type"] == "application/json"
+    error = answer.get_json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    assert error["message"]
+    return error
+
+
+@responses.activate
+def test_unreachable_backend_is_a_502_json_error(client):
+    responses.get(f"{BACKEND}/v1/models", body=requests.ConnectionError("refused"))
+
+    error = assert_openai_error(client.get("/v1/models"), 502, "upstream_unavailable")
+    assert BACKEND in error["message"]
+
+
+@responses.activate
+def test_no_response_in_time_is_a_504_json_error(client):
+    responses.post(f"{BACKEND}/completion", body=requests.ReadTimeout("read timed out"))
+
+    assert_openai_error(client.post("/completion", data=b"{}"), 504, "upstream_timeout")
+
+
+@responses.activate
+def test_body_over_the_limit_is_a_413_and_never_forwarded(make_app):
+    client = make_app(max_request_bytes=100).test_client()
+
+    answer = client.post("/completion", data=b"x" * 101)
+
+    assert_openai_error(answer, 413, "request_too_large")
+    assert len(responses.calls) == 0
+
+
+@responses.activate
+def test_chunked_body_over_the_limit_is_a_413(make_app):
+    client = make_app(max_request_bytes=100).test_client()
+
+    answer = client.post(
+        "/completion",
+        input_stream=io.BytesIO(b"x" * 500),
+        environ_overrides={"wsgi.input_terminated": True},
+        headers={"Transfer-Encoding": "chunked"},
+    )
+
+    assert_openai_error(answer, 413, "request_too_large")
+    assert len(responses.calls) == 0
+
+
+@responses.activate
+def test_body_at_the_limit_is_forwarded(make_app):
+    responses.post(f"{BACKEND}/completion", json={})
+    client = make_app(max_request_bytes=100).test_client()
+
+    assert client.post("/completion", data=b"x" * 100).status_code == 200
+    assert responses.calls[0].request.body == b"x" * 100
+
+
+class BreaksAfterFirstRead(io.RawIOBase):
+    """A socket stand-in that delivers one piece, then fails as a reset connection would."""
+
+    def __init__(self, first):
+        self.first = first
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.first is None:
+            raise ConnectionResetError("connection reset by peer")
+        n = len(self.first)
+        buffer[:n], self.first = self.first, None
+        return n
+
+
+@responses.activate
+def test_upstream_failing_mid_body_cuts_the_client_off(app, client):
+    first = b'data: {"content": "Hel"}\n\n'
+    responses.post(
+        f"{BACKEND}/v1/chat/completions",
+        body=io.BufferedReader(BreaksAfterFirstRead(first)),
+        content_type="text/event-stream",
+    )
+
+    answer = client.post("/v1/chat/completions", data=b"{}", buffered=False)
+    chunks = answer.response
+    assert next(chunks) == first
+    with pytest.raises(ConnectionResetError):
+        next(chunks)
+    answer.close()
+
+    metrics = app.extensions["bioproxy"].metrics
+    assert metrics.upstream_errors.labels("upstream_cut")._value.get() == 1
+    assert metrics.in_flight._value.get() == 0

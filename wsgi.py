@@ -1,0 +1,3 @@
+from bioproxy import create_app
+
+app = create_app()
