@@ -4,6 +4,7 @@ Addresses come from bioproxy's own configuration (config file and BIOPROXY_*
 environment), so gunicorn and the app always agree on which port is the admin port.
 """
 
+import logging
 import sys
 
 # Module-level names are read as gunicorn settings, so bioproxy's own are kept private.
@@ -30,11 +31,20 @@ timeout = 30
 graceful_timeout = 30
 keepalive = 5
 
-# Logging: to stderr, where a service manager collects it.
-accesslog = "-"
+# Logging: to stderr, where a service manager collects it. bioproxy writes its own
+# access line per request (logger bioproxy.access) when the response has been sent, so
+# streams are logged with their whole duration; gunicorn's own access log stays off.
 errorlog = "-"
 loglevel = "info"
 
 # gunicorn's control socket has one default path per user, so two servers on a machine
 # would contend for it; bioproxy's admin port is its control surface instead.
 control_socket_disable = True
+
+
+def post_worker_init(worker):
+    """Send bioproxy's log records through gunicorn's error log handlers and level."""
+    logger = logging.getLogger("bioproxy")
+    logger.handlers = worker.log.error_log.handlers
+    logger.setLevel(worker.log.error_log.level)
+    logger.propagate = False

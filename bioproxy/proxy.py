@@ -1,13 +1,16 @@
 """The proxy port: every request goes on to llama.cpp and its answer streams back."""
 
+import logging
+import time
 from urllib.parse import quote
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 
 from . import upstream as upstream_module
 from .errors import RequestTooLarge, UpstreamCut, UpstreamError
 
 bp = Blueprint("proxy", __name__)
+access_log = logging.getLogger("bioproxy.access")
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -16,6 +19,28 @@ class PassthroughResponse(Response):
     """A response that adds no Content-Type of its own when llama.cpp sent none."""
 
     default_mimetype = None
+
+
+@bp.before_request
+def start_tracking():
+    g.started = time.monotonic()
+    current_app.extensions["bioproxy"].metrics.in_flight.inc()
+
+
+@bp.after_request
+def track_until_closed(response):
+    """Count the request in flight and log it once its response is closed (stream sent)."""
+    metrics = current_app.extensions["bioproxy"].metrics
+    line = (request.remote_addr, request.method, request_target(request.environ))
+    status, started = response.status_code, g.started
+
+    def done():
+        metrics.in_flight.dec()
+        duration_ms = (time.monotonic() - started) * 1000
+        access_log.info("%s %s %s %d %.1fms", *line, status, duration_ms)
+
+    response.call_on_close(done)
+    return response
 
 
 @bp.route("/", defaults={"path": ""}, methods=METHODS, host="proxy")
@@ -28,25 +53,21 @@ def forward(path):
         list(request.headers.items()), upstream_module.REQUEST_OWNED
     )
     headers += forwarded_headers(request)
-    metrics = state.metrics
-    metrics.in_flight.inc()
     try:
         answer = state.upstream.send(request.method, request_target(request.environ), headers, body)
-    except BaseException as e:
-        metrics.in_flight.dec()
-        if isinstance(e, UpstreamError):
-            metrics.upstream_errors.labels(e.code).inc()
+    except UpstreamError as e:
+        state.metrics.upstream_errors.labels(e.code).inc()
         raise
     response = PassthroughResponse(
-        stream_body(answer, metrics),
+        stream_body(answer, state.metrics),
         status=answer.status_code,
+        # From urllib3's headers, which keep repeated ones (Set-Cookie) apart.
         headers=upstream_module.end_to_end(
-            list(answer.headers.items()), upstream_module.RESPONSE_OWNED
+            list(answer.raw.headers.items()), upstream_module.RESPONSE_OWNED
         ),
     )
     # Also runs when the body is never iterated (HEAD, or a client gone early).
     response.call_on_close(answer.close)
-    response.call_on_close(metrics.in_flight.dec)
     return response
 
 

@@ -1,6 +1,8 @@
 """The one way out to llama.cpp: a pooled session, its timeouts and header filtering."""
 
 import logging
+import string
+from urllib.parse import quote
 
 import requests
 import urllib3
@@ -48,31 +50,38 @@ def end_to_end(headers, owned=frozenset()):
 
 
 class Upstream:
-    """llama.cpp's server at base_url, reached through one pooled requests.Session."""
+    """llama.cpp's server at base_url, reached through one pool of connections."""
 
     def __init__(self, base_url, connect_timeout, read_timeout, health_timeout, pool_size=64):
         self.base_url = base_url.rstrip("/")
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.health_timeout = health_timeout
+        self.adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        # For bioproxy's own calls (health now, slots and warmups later). Ignores
+        # HTTP_PROXY and .netrc: llama.cpp is reached directly.
         self.session = requests.Session()
-        # Forward the client's headers only, and ignore HTTP_PROXY and .netrc.
-        self.session.headers.clear()
         self.session.trust_env = False
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.session.mount("http://", self.adapter)
+        self.session.mount("https://", self.adapter)
 
     def send(self, method, target, headers, body):
-        """Send a request and return the streamed response once its headers have arrived."""
+        """Send a client's request and return the streamed response once its headers arrive.
+
+        It goes straight to the transport adapter, not through the Session: a proxy must
+        not keep cookies from one client's response for the next client, nor follow
+        redirects. The target was already checked by the server that parsed the client's
+        request line, so it is used as sent (re-parsing it cost 5% of a small request).
+        """
+        prepared = requests.PreparedRequest()
+        prepared.prepare_method(method)
+        prepared.url = self.base_url + _ascii_target(target)
+        prepared.prepare_headers(_merge(headers))
+        prepared.prepare_body(body, None)
         try:
-            return self.session.request(
-                method,
-                self.base_url + target,
-                headers=dict(headers),
-                data=body,
+            return self.adapter.send(
+                prepared,
                 stream=True,
-                allow_redirects=False,
                 timeout=(self.connect_timeout, self.read_timeout),
             )
         except requests.Timeout as e:
@@ -118,6 +127,24 @@ def iter_body(response):
             yield data
     finally:
         response.close()
+
+
+def _ascii_target(target):
+    """The request target with any raw non-ASCII bytes (latin-1 in WSGI) percent-encoded."""
+    if target.isascii():
+        return target
+    return quote(target.encode("latin-1"), safe=string.punctuation)
+
+
+def _merge(headers):
+    """A header dict in which a repeated request header's values are joined by commas."""
+    merged = {}  # lower-case name: (name as sent, value)
+    for name, value in headers:
+        key = name.lower()
+        if key in merged:
+            name, value = merged[key][0], f"{merged[key][1]}, {value}"
+        merged[key] = (name, value)
+    return dict(merged.values())
 
 
 def _error_message(response):

@@ -79,9 +79,10 @@ def test_upstream_errors_are_counted_by_kind(client, admin):
     responses.get(f"{BACKEND}/a", body=requests.ConnectionError("refused"))
     responses.get(f"{BACKEND}/b", body=requests.ReadTimeout("slow"))
 
-    client.get("/a")
-    client.get("/b")
-    client.get("/b")
+    # buffered: the client reads the whole answer and closes it, as a server does.
+    client.get("/a", buffered=True)
+    client.get("/b", buffered=True)
+    client.get("/b", buffered=True)
 
     found = samples(admin)
     assert found[("bioproxy_upstream_errors_total", (("kind", "upstream_unavailable"),))] == 1

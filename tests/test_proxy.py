@@ -247,3 +247,41 @@ def test_upstream_failing_mid_body_cuts_the_client_off(app, client):
     metrics = app.extensions["bioproxy"].metrics
     assert metrics.upstream_errors.labels("upstream_cut")._value.get() == 1
     assert metrics.in_flight._value.get() == 0
+
+
+@responses.activate
+def test_repeated_headers_survive_both_ways(client):
+    responses.get(
+        f"{BACKEND}/props",
+        json={},
+        headers=[("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; Path=/")],
+    )
+
+    answer = client.get(
+        "/props", headers=[("Accept", "text/plain"), ("Accept", "application/json")]
+    )
+
+    assert answer.headers.getlist("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    assert responses.calls[0].request.headers["Accept"] == "text/plain, application/json"
+
+
+@responses.activate
+def test_cookies_from_one_answer_are_not_sent_with_the_next_request(make_app):
+    responses.get(f"{BACKEND}/props", json={}, headers={"Set-Cookie": "session=alice; Path=/"})
+    app = make_app()
+
+    app.test_client().get("/props")
+    app.test_client().get("/props")
+
+    assert "Cookie" not in responses.calls[1].request.headers
+
+
+@responses.activate
+def test_raw_non_ascii_bytes_in_the_target_are_percent_encoded(client):
+    responses.get(f"{BACKEND}/caf%C3%A9?q=%C3%A9", body=b"")
+    raw = "/café?q=é".encode().decode("latin-1")  # as a WSGI server passes raw bytes
+
+    answer = client.get("/x", environ_overrides={"RAW_URI": raw})
+
+    assert answer.status_code == 200
+    assert responses.calls[0].request.url == f"{BACKEND}/caf%C3%A9?q=%C3%A9"
