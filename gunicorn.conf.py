@@ -5,6 +5,7 @@ environment), so gunicorn and the app always agree on which port is the admin po
 """
 
 import logging
+import socket
 import sys
 
 # Module-level names are read as gunicorn settings, so bioproxy's own are kept private.
@@ -43,7 +44,13 @@ control_socket_disable = True
 
 
 def post_worker_init(worker):
-    """Send bioproxy's log records through gunicorn's error log handlers and level."""
+    """Set up the worker's sockets and bioproxy's logging."""
+    # gunicorn writes a response's headers and its first chunk in two sends; with Nagle's
+    # algorithm the chunk then waits for the client's delayed ACK (up to 40 ms). Accepted
+    # connections inherit TCP_NODELAY from the listener.
+    for listener in worker.sockets:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # bioproxy's records go through gunicorn's error log handlers, at its level.
     logger = logging.getLogger("bioproxy")
     logger.handlers = worker.log.error_log.handlers
     logger.setLevel(worker.log.error_log.level)

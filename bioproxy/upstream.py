@@ -79,11 +79,18 @@ class Upstream:
         prepared.prepare_headers(_merge(headers))
         prepared.prepare_body(body, None)
         try:
-            return self.adapter.send(
-                prepared,
-                stream=True,
-                timeout=(self.connect_timeout, self.read_timeout),
-            )
+            try:
+                return self._send(prepared)
+            except requests.ConnectionError as e:
+                # llama-server closes its side after each streamed answer without saying
+                # so, and a pooled connection can die just as it is reused. Nothing reached
+                # llama.cpp then: send once more, on a fresh connection.
+                if not _closed_before_answering(e):
+                    raise
+                log.info(
+                    "upstream closed a pooled connection; sending again: %s %s", method, target
+                )
+                return self._send(prepared)
         except requests.Timeout as e:
             log.warning("upstream timeout: %s %s: %s", method, target, _reason(e))
             raise UpstreamTimeout(
@@ -94,6 +101,11 @@ class Upstream:
             raise UpstreamUnavailable(
                 f"llama.cpp at {self.base_url} is unavailable: {_reason(e)}"
             ) from e
+
+    def _send(self, prepared):
+        return self.adapter.send(
+            prepared, stream=True, timeout=(self.connect_timeout, self.read_timeout)
+        )
 
     def health(self):
         """llama.cpp's state from its /health: ("ok" | "loading" | "down", detail)."""
@@ -127,6 +139,15 @@ def iter_body(response):
             yield data
     finally:
         response.close()
+
+
+def _closed_before_answering(error):
+    """Whether the connection was closed or reset before any byte of a response came."""
+    inner = error.args[0] if error.args else None
+    if not isinstance(inner, urllib3.exceptions.ProtocolError) or len(inner.args) < 2:
+        return False
+    # http.client's RemoteDisconnected is a ConnectionResetError.
+    return isinstance(inner.args[1], (ConnectionResetError, BrokenPipeError))
 
 
 def _ascii_target(target):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -99,3 +100,72 @@ class Bioproxy:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class Nginx:
+    """Debian's nginx in the foreground, with the caller's `http {}` content, as root or not."""
+
+    def __init__(self, workdir, http_config):
+        self.workdir = str(workdir)
+        self.conf_path = os.path.join(self.workdir, "nginx.conf")
+        temp = os.path.join(self.workdir, "temp")
+        os.makedirs(temp, exist_ok=True)
+        temp_paths = "\n".join(
+            f"    {kind}_temp_path {temp}/{kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        with open(self.conf_path, "w") as f:
+            f.write(
+                f"worker_processes 1;\n"
+                f"daemon off;\n"
+                f"pid {self.workdir}/nginx.pid;\n"
+                f"error_log {self.workdir}/error.log warn;\n"
+                f"events {{ worker_connections 1024; }}\n"
+                f"http {{\n{temp_paths}\n    access_log off;\n{http_config}\n}}\n"
+            )
+        self.process = None
+
+    @staticmethod
+    def binary():
+        path = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not os.access(path, os.X_OK):
+            raise RuntimeError("nginx is not installed: run scripts/setup --bench")
+        return path
+
+    def start(self, port):
+        self.process = subprocess.Popen(
+            [
+                self.binary(),
+                "-p",
+                self.workdir,
+                "-e",
+                os.path.join(self.workdir, "error.log"),
+                "-c",
+                self.conf_path,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nginx exited:\n{self.error_log()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nginx not listening on {port}:\n{self.error_log()}")
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def error_log(self):
+        try:
+            with open(os.path.join(self.workdir, "error.log"), errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""

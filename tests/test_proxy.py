@@ -285,3 +285,44 @@ def test_raw_non_ascii_bytes_in_the_target_are_percent_encoded(client):
 
     assert answer.status_code == 200
     assert responses.calls[0].request.url == f"{BACKEND}/caf%C3%A9?q=%C3%A9"
+
+
+def closed_without_answer():
+    from http.client import RemoteDisconnected
+
+    from urllib3.exceptions import ProtocolError
+
+    return requests.ConnectionError(
+        ProtocolError("Connection aborted.", RemoteDisconnected("closed without response"))
+    )
+
+
+@responses.activate
+def test_a_pooled_connection_closed_under_us_is_retried_once(client):
+    responses.post(f"{BACKEND}/v1/chat/completions", body=closed_without_answer())
+    responses.post(f"{BACKEND}/v1/chat/completions", json={"ok": True})
+
+    answer = client.post("/v1/chat/completions", data=b'{"stream": true}')
+
+    assert answer.status_code == 200
+    assert [c.request.body for c in responses.calls] == [b'{"stream": true}'] * 2
+
+
+@responses.activate
+def test_a_second_closed_connection_is_a_502(client):
+    responses.post(f"{BACKEND}/completion", body=closed_without_answer())
+    responses.post(f"{BACKEND}/completion", body=closed_without_answer())
+
+    assert_openai_error(client.post("/completion", data=b"{}"), 502, "upstream_unavailable")
+    assert len(responses.calls) == 2
+
+
+@responses.activate
+def test_refused_and_timed_out_requests_are_not_sent_twice(client):
+    responses.post(f"{BACKEND}/a", body=requests.ConnectionError("refused"))
+    responses.post(f"{BACKEND}/b", body=requests.ReadTimeout("slow"))
+
+    client.post("/a", data=b"{}")
+    client.post("/b", data=b"{}")
+
+    assert [c.request.url for c in responses.calls] == [f"{BACKEND}/a", f"{BACKEND}/b"]

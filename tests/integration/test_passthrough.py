@@ -2,14 +2,13 @@
 
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import requests
 from openai import OpenAI
 
-from tests.integration.sse import read_events, stream_text
+from tests.integration.sse import assert_incremental, read_events, stream_text, timed_reads
 
 README = Path(__file__).parents[2] / "README.md"
 
@@ -64,20 +63,24 @@ def test_streamed_chat_completion_equals_direct(llama, bioproxy):
 def test_events_arrive_as_llama_cpp_sends_them(bioproxy):
     body = chat("Count to one hundred.", max_tokens=64, ignore_eos=True, stream=True)
 
-    start = time.monotonic()
-    reads = []  # (seconds since the request was sent, events in that read)
-    with requests.post(
-        bioproxy.proxy_url + "/v1/chat/completions", json=body, stream=True, timeout=60
-    ) as answer:
-        for chunk in answer.iter_content(chunk_size=None):
-            reads.append((time.monotonic() - start, chunk.count(b"data: ")))
+    reads = timed_reads(bioproxy.proxy_url + "/v1/chat/completions", body)
 
-    # 64 tokens, a role event, the final event and [DONE], in many reads spread over the
-    # whole generation. A buffering proxy would deliver them in a few reads at the end.
-    assert sum(n for _, n in reads) >= 66
-    assert len(reads) >= 32
-    first, last = reads[0][0], reads[-1][0]
-    assert first < last / 2
+    # 64 tokens, a role event, the final event and [DONE]. A buffering proxy would
+    # deliver them in a few reads at the end.
+    assert_incremental(reads, events=66)
+
+
+def test_back_to_back_streams_on_one_connection_all_succeed(bioproxy):
+    # llama-server closes its connection after each streamed answer; the next request
+    # must not fail on that dead pooled connection.
+    body = chat("Hi", max_tokens=4, stream=True)
+    with requests.Session() as session:
+        for _ in range(40):
+            with session.post(
+                bioproxy.proxy_url + "/v1/chat/completions", json=body, stream=True, timeout=30
+            ) as answer:
+                assert answer.status_code == 200, answer.text
+                assert read_events(answer)[-1][1] == "[DONE]"
 
 
 def test_official_openai_client_works_through_the_proxy(llama, bioproxy):
