@@ -55,3 +55,12 @@ def post_worker_init(worker):
     logger.handlers = worker.log.error_log.handlers
     logger.setLevel(worker.log.error_log.level)
     logger.propagate = False
+    # The greenlet that watches the templates and keeps them warm.
+    worker.wsgi.extensions["bioproxy"].warmer.start()
+
+
+def worker_exit(server, worker):
+    """Stop the warmer before the worker goes."""
+    app = getattr(worker, "wsgi", None)
+    if app is not None:
+        app.extensions["bioproxy"].warmer.stop()

@@ -15,6 +15,7 @@ class State:
     settings: config.Settings
     upstream: "upstream.Upstream"  # noqa: F821
     metrics: "metrics.Metrics"  # noqa: F821
+    warmer: "warmup.Warmer"  # noqa: F821
     started: float
 
 
@@ -42,18 +43,22 @@ def create_app(overrides=None):
     from . import admin, errors, proxy
     from .metrics import Metrics
     from .upstream import Upstream
+    from .warmup import Warmer
 
     settings = config.load(overrides)
     app = Bioproxy(__name__, host_matching=True, static_folder=None)
+    upstream = Upstream(
+        settings.backend_url,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.upstream_timeout,
+        health_timeout=settings.health_timeout,
+    )
+    metrics = Metrics(app)
     app.extensions["bioproxy"] = State(
         settings=settings,
-        upstream=Upstream(
-            settings.backend_url,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.upstream_timeout,
-            health_timeout=settings.health_timeout,
-        ),
-        metrics=Metrics(app),
+        upstream=upstream,
+        metrics=metrics,
+        warmer=Warmer(settings, config.base_dir(), upstream, metrics),
         started=time.monotonic(),
     )
     errors.init_app(app)

@@ -4,6 +4,7 @@ import time
 
 from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import NotFound
 
 from .metrics import do_not_track
 
@@ -33,3 +34,24 @@ def metrics():
     """Every metric in Prometheus' text format."""
     registry = current_app.extensions["bioproxy"].metrics.registry
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+
+@bp.get("/templates", host="admin")
+def templates():
+    """Each configured template: its file, state, tokens, save file and last warmup."""
+    warmer = current_app.extensions["bioproxy"].warmer
+    return jsonify(
+        {"templates": [entry.describe(warmer.registry) for entry in warmer.entries.values()]}
+    )
+
+
+@bp.post("/templates/<prefix>/warmup", host="admin")
+def warmup(prefix):
+    """Warm a template again now (in the background); 202 with its entry."""
+    warmer = current_app.extensions["bioproxy"].warmer
+    if prefix not in warmer.entries:
+        raise NotFound(f"no template has the prefix {prefix!r}")
+    warmer.request_warmup(prefix)
+    response = jsonify(warmer.entries[prefix].describe(warmer.registry))
+    response.status_code = 202
+    return response

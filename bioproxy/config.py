@@ -29,6 +29,13 @@ class Settings:
     connect_timeout: float = 3.0
     upstream_timeout: float = 600.0
     health_timeout: float = 2.0
+    # Templates and their saved KV caches. Relative paths are relative to the folder of
+    # the config file (the working directory when there is none).
+    template_root: str = ""  # empty: that same folder
+    max_template_bytes: int = 1024 * 1024
+    state_dir: str = "~/.local/state/bioproxy"
+    slot_save_path: str = ""  # llama-server's --slot-save-path, if on this machine
+    slot_timeout: float = 30.0
 
     @property
     def proxy_bind(self):
@@ -55,6 +62,17 @@ def config_path(environ=None):
         return os.path.expanduser(named)
     home = environ.get("HOME") or os.path.expanduser("~")
     return os.path.join(home, DEFAULT_PATH.removeprefix("~/"))
+
+
+def base_dir(environ=None):
+    """The folder that relative paths in the configuration are relative to."""
+    path = config_path(environ)
+    return os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.getcwd()
+
+
+def resolve_path(path, base):
+    """A configured path made absolute: ~ expanded, relative ones joined to base."""
+    return os.path.join(base, os.path.expanduser(path))
 
 
 def read_file(path, required):
@@ -149,7 +167,7 @@ def _problem(key, value):
             return "has an invalid port"
         if parts.query or parts.fragment:
             return "must not have a query or fragment"
-    positive = key in ("warmup_check_interval", "max_request_bytes") or key.endswith("_timeout")
+    positive = key.endswith(("_timeout", "_bytes")) or key == "warmup_check_interval"
     if positive and value <= 0:
         return "must be greater than 0"
     if key == "prefixes":

@@ -29,6 +29,12 @@ class RequestTooLarge(BioproxyError):
     code = "request_too_large"
 
 
+class TemplateBroken(BioproxyError):
+    """A request named a template that cannot be used (missing, unreadable, outside the root)."""
+
+    code = "template_broken"
+
+
 class UpstreamError(BioproxyError):
     """llama.cpp failed before its response started."""
 

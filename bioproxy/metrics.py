@@ -3,7 +3,7 @@
 import re
 
 from flask import request
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_flask_exporter import PrometheusMetrics
 
 PREFIX = "bioproxy"
@@ -79,6 +79,57 @@ class Metrics:
             f"{PREFIX}_requests_in_flight",
             "Proxied requests whose response has not yet been fully sent.",
             registry=self.registry,
+        )
+        per_template = {"registry": self.registry}
+        self.template_requests = Counter(
+            f"{PREFIX}_template_requests_total",
+            "Templated requests, by template and cache state: slot (already held), "
+            "restored (loaded from its saved file), cold (evaluated in full).",
+            ["template", "cache"],
+            **per_template,
+        )
+        self.warmups = Counter(
+            f"{PREFIX}_warmups_total",
+            "Template evaluations by the warmer, by outcome (ok, failed).",
+            ["template", "outcome"],
+            **per_template,
+        )
+        self.warmup_seconds = Histogram(
+            f"{PREFIX}_warmup_seconds",
+            "Time to evaluate a template's prefix in a slot.",
+            ["template"],
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 150, 300),
+            **per_template,
+        )
+        self.saves = Counter(
+            f"{PREFIX}_slot_saves_total",
+            "Slot saves of a warmed template, by outcome (ok, failed).",
+            ["template", "outcome"],
+            **per_template,
+        )
+        self.restores = Counter(
+            f"{PREFIX}_slot_restores_total",
+            "Slot restores of a template's saved cache, by outcome (ok, failed).",
+            ["template", "outcome"],
+            **per_template,
+        )
+        self.tokens_reused = Counter(
+            f"{PREFIX}_prompt_tokens_reused_total",
+            "Prompt tokens of templated requests taken from the cache (llama.cpp's cache_n).",
+            ["template"],
+            **per_template,
+        )
+        self.tokens_evaluated = Counter(
+            f"{PREFIX}_prompt_tokens_evaluated_total",
+            "Prompt tokens of templated requests evaluated anew (llama.cpp's prompt_n).",
+            ["template"],
+            **per_template,
+        )
+        self.template_broken = Gauge(
+            f"{PREFIX}_template_broken",
+            "1 while a template cannot be used (missing, unreadable, outside the root...).",
+            ["template"],
+            **per_template,
         )
 
 

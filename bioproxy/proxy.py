@@ -6,6 +6,7 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, g, request
 
+from . import injection, templated
 from . import upstream as upstream_module
 from .errors import RequestTooLarge, UpstreamCut, UpstreamError
 
@@ -53,13 +54,35 @@ def forward(path):
         list(request.headers.items()), upstream_module.REQUEST_OWNED
     )
     headers += forwarded_headers(request)
+    target = request_target(request.environ)
+
+    def send(body, watch=None):
+        answer = send_upstream(state, request.method, target, headers, body)
+        return passthrough(answer, state.metrics, watch)
+
+    match = injection.find(request.method, request.path, body, state.warmer.entries)
+    if match is not None:
+        return templated.forward(state, match, send)
+    return send(body)
+
+
+def send_upstream(state, method, target, headers, body):
+    """llama.cpp's streamed answer, counting a failure before it as an upstream error."""
     try:
-        answer = state.upstream.send(request.method, request_target(request.environ), headers, body)
+        return state.upstream.send(method, target, headers, body)
     except UpstreamError as e:
         state.metrics.upstream_errors.labels(e.code).inc()
         raise
+
+
+def passthrough(answer, metrics, watch=None):
+    """A response that streams llama.cpp's answer back as it arrives.
+
+    watch, if given, wraps the body's chunks on their way (to read llama.cpp's timings).
+    """
+    chunks = stream_body(answer, metrics)
     response = PassthroughResponse(
-        stream_body(answer, state.metrics),
+        watch(chunks) if watch else chunks,
         status=answer.status_code,
         # From urllib3's headers, which keep repeated ones (Set-Cookie) apart.
         headers=upstream_module.end_to_end(

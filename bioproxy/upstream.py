@@ -1,5 +1,6 @@
 """The one way out to llama.cpp: a pooled session, its timeouts and header filtering."""
 
+import json
 import logging
 import string
 from urllib.parse import quote
@@ -49,8 +50,22 @@ def end_to_end(headers, owned=frozenset()):
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
+class BackendError(Exception):
+    """llama.cpp failed one of bioproxy's own calls (slots, warmups, health)."""
+
+    def __init__(self, call, reason, status=None):
+        super().__init__(f"{call}: {reason}")
+        self.reason = reason
+        self.status = status
+
+
 class Upstream:
-    """llama.cpp's server at base_url, reached through one pool of connections."""
+    """llama.cpp's server at base_url, reached through one pool of connections.
+
+    Every call goes straight to requests' transport adapter, not through a Session: a
+    proxy must not keep cookies from one client's answer for the next client, nor follow
+    redirects, and the Session's merging of settings cost a fifth of a small request.
+    """
 
     def __init__(self, base_url, connect_timeout, read_timeout, health_timeout, pool_size=64):
         self.base_url = base_url.rstrip("/")
@@ -58,20 +73,12 @@ class Upstream:
         self.read_timeout = read_timeout
         self.health_timeout = health_timeout
         self.adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
-        # For bioproxy's own calls (health now, slots and warmups later). Ignores
-        # HTTP_PROXY and .netrc: llama.cpp is reached directly.
-        self.session = requests.Session()
-        self.session.trust_env = False
-        self.session.mount("http://", self.adapter)
-        self.session.mount("https://", self.adapter)
 
     def send(self, method, target, headers, body):
         """Send a client's request and return the streamed response once its headers arrive.
 
-        It goes straight to the transport adapter, not through the Session: a proxy must
-        not keep cookies from one client's response for the next client, nor follow
-        redirects. The target was already checked by the server that parsed the client's
-        request line, so it is used as sent (re-parsing it cost 5% of a small request).
+        The target was already checked by the server that parsed the client's request
+        line, so it is used as sent (re-parsing it cost 5% of a small request).
         """
         prepared = requests.PreparedRequest()
         prepared.prepare_method(method)
@@ -79,18 +86,7 @@ class Upstream:
         prepared.prepare_headers(_merge(headers))
         prepared.prepare_body(body, None)
         try:
-            try:
-                return self._send(prepared)
-            except requests.ConnectionError as e:
-                # llama-server closes its side after each streamed answer without saying
-                # so, and a pooled connection can die just as it is reused. Nothing reached
-                # llama.cpp then: send once more, on a fresh connection.
-                if not _closed_before_answering(e):
-                    raise
-                log.info(
-                    "upstream closed a pooled connection; sending again: %s %s", method, target
-                )
-                return self._send(prepared)
+            return self._send(prepared, self.read_timeout)
         except requests.Timeout as e:
             log.warning("upstream timeout: %s %s: %s", method, target, _reason(e))
             raise UpstreamTimeout(
@@ -102,25 +98,43 @@ class Upstream:
                 f"llama.cpp at {self.base_url} is unavailable: {_reason(e)}"
             ) from e
 
-    def _send(self, prepared):
-        return self.adapter.send(
-            prepared, stream=True, timeout=(self.connect_timeout, self.read_timeout)
-        )
+    def call(self, method, path, body=None, timeout=None):
+        """One of bioproxy's own JSON calls: the decoded answer, or BackendError."""
+        prepared = requests.Request(method, self.base_url + path, json=body).prepare()
+        try:
+            with self._send(prepared, timeout or self.read_timeout) as response:
+                content = response.content
+        except requests.RequestException as e:
+            raise BackendError(f"{method} {path}", _reason(e)) from e
+        if response.status_code >= 400:
+            reason = f"{response.status_code} {_error_message(response)}"
+            raise BackendError(f"{method} {path}", reason, response.status_code)
+        try:
+            return json.loads(content) if content else None
+        except ValueError:
+            raise BackendError(f"{method} {path}", "the answer is not JSON") from None
 
     def health(self):
         """llama.cpp's state from its /health: ("ok" | "loading" | "down", detail)."""
         try:
-            with self.session.get(
-                self.base_url + "/health",
-                timeout=(self.connect_timeout, self.health_timeout),
-            ) as response:
-                if response.status_code == 200:
-                    return "ok", None
-                if response.status_code == 503:
-                    return "loading", _error_message(response)
-                return "down", f"/health answered {response.status_code}"
-        except requests.RequestException as e:
-            return "down", _reason(e)
+            self.call("GET", "/health", timeout=self.health_timeout)
+        except BackendError as e:
+            return ("loading" if e.status == 503 else "down"), e.reason
+        return "ok", None
+
+    def _send(self, prepared, read_timeout):
+        """Send through the pool; once more if a pooled connection turned out to be dead."""
+        timeout = (self.connect_timeout, read_timeout)
+        try:
+            return self.adapter.send(prepared, stream=True, timeout=timeout)
+        except requests.ConnectionError as e:
+            # llama-server closes its side after each streamed answer without saying so,
+            # and a pooled connection can die just as it is reused. Nothing reached
+            # llama.cpp then: send once more, on a fresh connection.
+            if not _closed_before_answering(e):
+                raise
+            log.info("upstream closed a pooled connection; sending again: %s", prepared.url)
+            return self.adapter.send(prepared, stream=True, timeout=timeout)
 
 
 def iter_body(response):

@@ -36,9 +36,10 @@ def isolated_config(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def make_app():
+def make_app(tmp_path):
     def make(**overrides):
-        app = create_app({"backend_url": BACKEND, **overrides})
+        settings = {"backend_url": BACKEND, "state_dir": str(tmp_path / "state"), **overrides}
+        app = create_app(settings)
         app.test_client_class = ListenerClient
         return app
 

@@ -35,6 +35,7 @@ class Bioproxy:
             "backend_url": backend_url,
             "proxy_port": self.proxy_port,
             "admin_port": self.admin_port,
+            "state_dir": os.path.join(workdir, "state"),
             **settings,
         }
         self.env["BIOPROXY_CONFIG"] = config_path

@@ -33,7 +33,7 @@ def test_health_is_503_while_llama_cpp_loads(admin):
     body = answer.get_json()
     assert body["status"] == "degraded"
     assert body["backend"]["status"] == "loading"
-    assert body["backend"]["detail"] == "Loading model"
+    assert body["backend"]["detail"] == "503 Loading model"
 
 
 @responses.activate

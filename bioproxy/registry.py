@@ -1,0 +1,90 @@
+"""What bioproxy has saved: one slot file per template version and model, kept on disk."""
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+
+log = logging.getLogger(__name__)
+
+
+def filename(prefix, digest, model):
+    """The slot file's name: only bioproxy's own hashes and the prefix's safe characters."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "", prefix)[:32] or "template"
+    return f"bioproxy-{name}-{digest[:16]}-{model[:12]}.bin"
+
+
+class Registry:
+    """The slot files saved for each template, recorded in <state_dir>/saved.json.
+
+    A file is used only for the exact template digest and model identity it was saved
+    for, so an edited template or another model never loads a stale cache.
+    """
+
+    def __init__(self, state_dir, slot_save_path=None):
+        self.path = os.path.join(state_dir, "saved.json")
+        self.slot_save_path = slot_save_path
+        self.entries = self._read()
+
+    def find(self, prefix, digest, model):
+        """The saved entry for this version of a template on this model, or None."""
+        entry = self.entries.get(prefix)
+        if entry and entry["digest"] == digest and entry["model"] == model:
+            return entry
+        return None
+
+    def record(self, prefix, digest, model, tokens):
+        """Remember a new save, forgetting (and deleting) the prefix's previous file."""
+        entry = {
+            "file": filename(prefix, digest, model),
+            "digest": digest,
+            "model": model,
+            "tokens": tokens,
+            "saved_at": time.time(),
+        }
+        old = self.entries.get(prefix)
+        self.entries[prefix] = entry
+        self._write()
+        if old and old["file"] != entry["file"]:
+            self._delete(old["file"])
+        return entry
+
+    def forget(self, prefix):
+        """Drop a template's entry and its file (removed template, or a file that failed)."""
+        old = self.entries.pop(prefix, None)
+        if old:
+            self._write()
+            self._delete(old["file"])
+
+    def _delete(self, name):
+        # Only possible when llama-server's slot folder is on this machine and known.
+        if not self.slot_save_path:
+            return
+        try:
+            os.remove(os.path.join(self.slot_save_path, name))
+            log.info("deleted slot file %s", name)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot delete slot file %s: %s", name, e)
+
+    def _read(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                entries = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable %s: %s", self.path, e)
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def _write(self):
+        folder = os.path.dirname(self.path)
+        os.makedirs(folder, exist_ok=True)
+        # Write then rename, so a crash never leaves half a file.
+        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
+            json.dump(self.entries, f, indent=1, sort_keys=True)
+        os.replace(f.name, self.path)

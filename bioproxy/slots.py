@@ -1,0 +1,119 @@
+"""llama-server's slots: how many there are, which template each holds, the slot API."""
+
+import hashlib
+import logging
+import time
+
+from gevent.lock import BoundedSemaphore
+
+from .upstream import BackendError
+
+log = logging.getLogger(__name__)
+
+
+class Slots:
+    """bioproxy's picture of llama-server's slots, checked against GET /slots.
+
+    A slot "holds" a template when bioproxy evaluated or restored it there, or served a
+    request of it there that reused the cache, and no other task has run in that slot
+    since: llama-server numbers its tasks, and GET /slots shows each slot's last one.
+    """
+
+    def __init__(self, upstream, timeout):
+        self.upstream = upstream
+        self.timeout = timeout
+        self.count = 0
+        self.model = None  # identity of the loaded model, see model_identity()
+        self.held = {}  # slot id -> (prefix, digest, id_task seen after bioproxy's use)
+        self.tasks = {}  # slot id -> last id_task seen, to notice a restart
+        self.locks = {}  # slot id -> lock: one bioproxy request or warmup per slot
+        self.used = {}  # slot id -> when bioproxy last used it
+
+    def refresh(self):
+        """Read /props and /slots; True when llama-server restarted or changed its model."""
+        props = self.upstream.call("GET", "/props", timeout=self.timeout)
+        slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
+        identity = model_identity(props, slots)
+        tasks = {slot["id"]: slot.get("id_task", -1) for slot in slots}
+        # Task ids only grow while a server lives; a smaller one means a new server.
+        restarted = self.model is not None and (
+            identity != self.model or any(tasks.get(i, -1) < seen for i, seen in self.tasks.items())
+        )
+        if restarted or self.model is None:
+            self.held.clear()
+        self.model, self.tasks = identity, tasks
+        if len(slots) != self.count:
+            self.count = len(slots)
+            self.locks = {i: BoundedSemaphore() for i in range(self.count)}
+            self.used = dict.fromkeys(range(self.count), 0.0)
+        return restarted
+
+    def holds(self, slot, prefix, digest):
+        """Whether the slot still holds this template version (asks llama-server)."""
+        held = self.held.get(slot)
+        if not held or held[:2] != (prefix, digest):
+            return False
+        try:
+            slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
+        except BackendError as e:
+            log.warning("cannot read slots: %s", e)
+            return False
+        now = {s["id"]: s.get("id_task", -1) for s in slots}.get(slot)
+        if now != held[2]:
+            # Another task ran there since, or llama-server restarted.
+            del self.held[slot]
+            return False
+        return True
+
+    def mark(self, slot, prefix, digest):
+        """Record that the slot now holds this template version."""
+        try:
+            slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
+        except BackendError as e:
+            log.warning("cannot read slots: %s", e)
+            self.held.pop(slot, None)
+            return
+        task = {s["id"]: s.get("id_task", -1) for s in slots}.get(slot)
+        self.held[slot] = (prefix, digest, task)
+        self.tasks[slot] = max(self.tasks.get(slot, -1), task)
+
+    def forget(self, slot):
+        self.held.pop(slot, None)
+
+    def pick(self, prefix):
+        """A slot for a template: a free one that holds it, else the least recently used."""
+        free = [i for i in range(self.count) if not self.locks[i].locked()]
+        candidates = free or list(range(self.count))
+        holding = [i for i in candidates if self.held.get(i, ("",))[0] == prefix]
+        return holding[0] if holding else min(candidates, key=self.used.__getitem__)
+
+    def acquire(self, slot):
+        """Wait until no other bioproxy request or warmup uses the slot, then take it."""
+        self.locks[slot].acquire()
+        self.used[slot] = time.monotonic()
+
+    def release(self, slot):
+        self.locks[slot].release()
+
+    def save(self, slot, filename):
+        """Save the slot's cache to llama-server's slot folder; the tokens saved."""
+        answer = self._action(slot, "save", filename)
+        return answer["n_saved"]
+
+    def restore(self, slot, filename):
+        """Load a saved cache into the slot; the tokens restored."""
+        answer = self._action(slot, "restore", filename)
+        return answer["n_restored"]
+
+    def _action(self, slot, action, filename):
+        # llama-server queues slot actions until the slot is idle: bounded by our timeout.
+        return self.upstream.call(
+            "POST", f"/slots/{slot}?action={action}", {"filename": filename}, self.timeout
+        )
+
+
+def model_identity(props, slots):
+    """A short hash of what a saved KV cache depends on: model file, build, slot context."""
+    n_ctx = slots[0].get("n_ctx") if slots else None
+    text = f"{props.get('model_path')}\n{props.get('build_info')}\n{n_ctx}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,71 @@
+"""Serving a templated request: its slot, its cache, the expanded template, its timings."""
+
+import json
+
+from .errors import TemplateBroken
+
+TAIL_BYTES = 16 * 1024
+
+
+class Tail:
+    """The last bytes of a body as it streams by, to read llama.cpp's timings at its end."""
+
+    def __init__(self):
+        self.data = b""
+        self.complete = False
+
+    def watch(self, chunks):
+        for chunk in chunks:
+            self.data = (self.data + chunk)[-TAIL_BYTES:]
+            yield chunk
+        self.complete = True
+
+    def timings(self):
+        """The last "timings" object in the body (the final SSE event's), or None."""
+        at = self.data.rfind(b'"timings":')
+        if at < 0:
+            return None
+        text = self.data[at + len(b'"timings":') :].decode("utf-8", "replace")
+        try:
+            timings = json.JSONDecoder().raw_decode(text.lstrip())[0]
+        except ValueError:
+            return None
+        return timings if isinstance(timings, dict) else None
+
+
+def forward(state, match, send):
+    """Expand the template into the request, in a slot that holds its cache when it can.
+
+    send(body, watch) forwards a body and returns the streaming response.
+    """
+    warmer, metrics = state.warmer, state.metrics
+    entry = warmer.entries[match.prefix]
+    template = entry.template
+    if template is None:
+        raise TemplateBroken(
+            f"template {entry.prefix} ({entry.path}) cannot be used: {entry.error}"
+        )
+    # Only chat requests match the warmed cache; completions are expanded, not pinned.
+    slot, cache = warmer.prepare(entry) if match.chat else (None, "cold")
+    tail = Tail()
+    try:
+        response = send(match.expand(template, slot), tail.watch)
+    except BaseException:
+        if slot is not None:
+            warmer.finish(entry, slot, template.digest, succeeded=False)
+        raise
+    metrics.template_requests.labels(entry.prefix, cache).inc()
+    response.headers["X-Bioproxy-Template"] = entry.prefix
+    response.headers["X-Bioproxy-Cache"] = cache
+
+    def done():
+        timings = tail.timings()
+        if timings:
+            metrics.tokens_reused.labels(entry.prefix).inc(timings.get("cache_n", 0))
+            metrics.tokens_evaluated.labels(entry.prefix).inc(timings.get("prompt_n", 0))
+        if slot is not None:
+            ok = tail.complete and response.status_code == 200
+            warmer.finish(entry, slot, template.digest, succeeded=ok)
+
+    response.call_on_close(done)
+    return response
