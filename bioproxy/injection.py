@@ -44,7 +44,7 @@ def find(method, path, raw, prefixes):
 
 def _parse(raw):
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise BadRequest("request body is not valid UTF-8") from None
     except ValueError as e:

@@ -28,6 +28,7 @@ class Entry:
         self.state = "pending"  # pending, warming, warm, stale, failed or broken
         self.tokens = None  # tokens of the warmed prefix
         self.last_warmup = None
+        self.forced = False  # evaluate again even though a saved file exists
 
     def describe(self, registry):
         saved = registry.entries.get(self.prefix)
@@ -85,8 +86,9 @@ class Warmer:
             self.wake.clear()
 
     def request_warmup(self, prefix):
-        """Warm a template again at the next pass, which starts now."""
-        self.entries[prefix].state = "stale"
+        """Evaluate a template again at the next pass, which starts now."""
+        entry = self.entries[prefix]
+        entry.state, entry.forced = "stale", True
         self.wake.set()
 
     def check(self):
@@ -135,7 +137,8 @@ class Warmer:
         slot = self.slots.pick(entry.prefix)
         self.slots.acquire(slot)
         try:
-            if self.restore(entry, slot) != "restored":
+            if entry.forced or self.restore(entry, slot) != "restored":
+                entry.forced = False
                 self.evaluate(entry, slot)
         finally:
             self.slots.release(slot)

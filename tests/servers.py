@@ -23,13 +23,13 @@ def free_port():
 class Bioproxy:
     """bioproxy under real gunicorn with its gevent worker, configured by BIOPROXY_* variables."""
 
-    def __init__(self, backend_url, workdir, **settings):
+    def __init__(self, backend_url, workdir, config=None, **settings):
         self.proxy_port = free_port()
         self.admin_port = free_port()
         self.log_path = os.path.join(workdir, "gunicorn.log")
         config_path = os.path.join(workdir, "config.json")
         with open(config_path, "w") as f:
-            f.write("{}")
+            json.dump(config or {}, f)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BIOPROXY_")}
         settings = {
             "backend_url": backend_url,

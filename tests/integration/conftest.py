@@ -15,13 +15,14 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
-def start_llama(folder, slots=2):
+def start_llama(folder, slots=2, extra_args=()):
     return LlamaServer(
         free_port(),
         slots=slots,
         context=4096 * slots,
         slot_save_path=str(folder / "slots"),
         log_path=str(folder / "llama-server.log"),
+        extra_args=extra_args,
     )
 
 

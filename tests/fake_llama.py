@@ -1,0 +1,113 @@
+"""A small hand-written llama-server for unit tests, served through `responses`."""
+
+import json
+import re
+
+import responses
+
+from tests.conftest import BACKEND
+
+SYSTEM = "<sys>"
+END = "<end><assistant>"
+
+
+class FakeLlama:
+    """Slots with task ids, a slot folder, a chat template; counts what it is asked."""
+
+    def __init__(self, slots=2, model="/models/m.gguf"):
+        self.model = model
+        self.tasks = {i: -1 for i in range(slots)}
+        self.contents = dict.fromkeys(range(slots), "")  # text each slot holds
+        self.files = {}  # slot file name -> text
+        self.next_task = 0
+        self.status = {"save": 200, "restore": 200}
+        self.error = {}  # action -> exception to raise instead of answering
+        self.evaluated = []  # (slot, prompt) of each /completion
+        self.actions = []  # (action, slot, filename)
+        self.chats = []  # request bodies of chat completions
+
+    def install(self):
+        responses.add_callback("GET", f"{BACKEND}/props", self.props)
+        responses.add_callback("GET", f"{BACKEND}/slots", self.slots)
+        responses.add_callback("POST", f"{BACKEND}/apply-template", self.apply_template)
+        responses.add_callback("POST", f"{BACKEND}/completion", self.completion)
+        responses.add_callback("POST", re.compile(rf"{BACKEND}/slots/\d+\?action=\w+"), self.action)
+        responses.add_callback("POST", f"{BACKEND}/v1/chat/completions", self.chat)
+        return self
+
+    def restart(self, model=None):
+        """A new server: empty slots, task ids from zero; the slot folder stays."""
+        self.model = model or self.model
+        self.tasks = dict.fromkeys(self.tasks, -1)
+        self.contents = dict.fromkeys(self.contents, "")
+        self.next_task = 0
+
+    def run_other_task(self, slot, text="something else"):
+        """A request bioproxy did not send lands in the slot."""
+        self._task(slot, text)
+
+    def _task(self, slot, text):
+        self.tasks[slot] = self.next_task
+        self.next_task += 1
+        self.contents[slot] = text
+
+    @staticmethod
+    def _json(status, body):
+        return status, {"Content-Type": "application/json"}, json.dumps(body)
+
+    def props(self, request):
+        return self._json(
+            200, {"total_slots": len(self.tasks), "model_path": self.model, "build_info": "b1"}
+        )
+
+    def slots(self, request):
+        return self._json(
+            200,
+            [
+                {"id": i, "n_ctx": 4096, "id_task": t, "is_processing": False}
+                for i, t in self.tasks.items()
+            ],
+        )
+
+    def apply_template(self, request):
+        content = json.loads(request.body)["messages"][-1]["content"]
+        return self._json(200, {"prompt": SYSTEM + content + END})
+
+    def completion(self, request):
+        body = json.loads(request.body)
+        slot = body["id_slot"]
+        self.evaluated.append((slot, body["prompt"]))
+        self._task(slot, body["prompt"])
+        n = len(body["prompt"].split())
+        return self._json(
+            200, {"content": "", "tokens_evaluated": n, "timings": {"cache_n": 0, "prompt_n": n}}
+        )
+
+    def action(self, request):
+        slot = int(re.search(r"/slots/(\d+)", request.url).group(1))
+        action = re.search(r"action=(\w+)", request.url).group(1)
+        name = json.loads(request.body)["filename"]
+        self.actions.append((action, slot, name))
+        if action in self.error:
+            raise self.error[action]
+        if self.status[action] != 200:
+            return self._json(self.status[action], {"error": {"message": f"{action} refused"}})
+        if action == "save":
+            self.files[name] = self.contents[slot]
+            return self._json(200, {"id_slot": slot, "n_saved": len(self.contents[slot].split())})
+        if name not in self.files:
+            self.contents[slot] = ""
+            return self._json(400, {"error": {"message": "Unable to restore slot"}})
+        self.contents[slot] = self.files[name]
+        return self._json(200, {"id_slot": slot, "n_restored": len(self.files[name].split())})
+
+    def chat(self, request):
+        body = json.loads(request.body)
+        self.chats.append(body)
+        slot = body.get("id_slot", 0)
+        prompt = SYSTEM + body["messages"][-1]["content"] + END
+        held = self.contents[slot]
+        cached = len(held.split()) if held and prompt.startswith(held) else 0
+        self._task(slot, prompt)
+        timings = {"cache_n": cached, "prompt_n": len(prompt.split()) - cached}
+        return self._json(200, {"choices": [{"message": {"content": "ok"}}], "timings": timings})

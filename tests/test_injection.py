@@ -1,0 +1,129 @@
+"""Finding a template prefix in a request and expanding the template into it."""
+
+import json
+
+import pytest
+
+from bioproxy.errors import BadRequest
+from bioproxy.injection import find
+from bioproxy.templates import Template
+
+PREFIXES = ["@code", "@codex"]
+TEMPLATE = Template("@code", "t.txt", ("Before. ", " After."), ("/t.txt",), "d" * 64)
+
+
+def chat(*messages, **extra):
+    return json.dumps({"messages": list(messages), **extra}).encode()
+
+
+def user(content):
+    return {"role": "user", "content": content}
+
+
+def expanded(match, slot=None):
+    return json.loads(match.expand(TEMPLATE, slot))
+
+
+def test_the_last_user_message_is_expanded_and_pinned():
+    raw = chat(user("@code first"), {"role": "assistant", "content": "ok"}, user("@code How?"))
+
+    match = find("POST", "/v1/chat/completions", raw, PREFIXES)
+    body = expanded(match, slot=1)
+
+    assert (match.prefix, match.message, match.chat) == ("@code", "How?", True)
+    assert body["messages"][0]["content"] == "@code first"
+    assert body["messages"][2]["content"] == "Before. How? After."
+    assert body["id_slot"] == 1
+    assert body["cache_prompt"] is True
+
+
+def test_a_prefix_alone_is_an_empty_message():
+    match = find("POST", "/chat/completions", chat(user("@code")), PREFIXES)
+
+    assert match.message == ""
+    assert expanded(match)["messages"][0]["content"] == "Before.  After."
+
+
+def test_the_longest_prefix_wins():
+    assert (
+        find("POST", "/v1/chat/completions", chat(user("@codex hi")), PREFIXES).prefix == "@codex"
+    )
+    assert find("POST", "/v1/chat/completions", chat(user("@code hi")), PREFIXES).prefix == "@code"
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["@codehi", "hello @code hi", " @code hi", "@CODE hi", "", None, 7],
+)
+def test_no_prefix_means_no_match(content):
+    assert find("POST", "/v1/chat/completions", chat(user(content)), PREFIXES) is None
+
+
+def test_a_later_assistant_message_does_not_hide_the_last_user_message():
+    raw = chat(user("@code hi"), {"role": "assistant", "content": "@code no"})
+
+    assert find("POST", "/v1/chat/completions", raw, PREFIXES).message == "hi"
+
+
+def test_array_content_uses_its_first_text_part():
+    parts = [
+        {"type": "image_url", "image_url": {"url": "data:x"}},
+        {"type": "text", "text": "@code What is this?"},
+        {"type": "text", "text": "more"},
+    ]
+
+    match = find("POST", "/v1/chat/completions", chat(user(parts)), PREFIXES)
+    body = expanded(match)
+
+    assert match.message == "What is this?"
+    assert body["messages"][0]["content"][0] == parts[0]
+    assert body["messages"][0]["content"][1] == {
+        "type": "text",
+        "text": "Before. What is this? After.",
+    }
+    assert body["messages"][0]["content"][2] == parts[2]
+
+
+@pytest.mark.parametrize("path", ["/completion", "/completions", "/v1/completions"])
+def test_completion_prompts_are_expanded_but_not_pinned(path):
+    match = find(
+        "POST", path, json.dumps({"prompt": "@code hi", "n_predict": 4}).encode(), PREFIXES
+    )
+
+    assert match.chat is False
+    assert expanded(match) == {"prompt": "Before. hi After.", "n_predict": 4}
+
+
+def test_non_ascii_text_survives_expansion():
+    match = find("POST", "/v1/chat/completions", chat(user("@code ¿Cómo? 日本")), PREFIXES)
+
+    assert match.expand(TEMPLATE).decode() == (
+        '{"messages": [{"role": "user", "content": "Before. ¿Cómo? 日本 After."}]}'
+    )
+
+
+@pytest.mark.parametrize(
+    "method, path, prefixes",
+    [
+        ("GET", "/v1/chat/completions", PREFIXES),
+        ("POST", "/v1/embeddings", PREFIXES),
+        ("POST", "/v1/chat/completions", []),
+    ],
+)
+def test_other_requests_are_not_read(method, path, prefixes):
+    # Not even parsed: invalid JSON passes through untouched.
+    assert find(method, path, b"{not json", prefixes) is None
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"{not json", "request body is not valid JSON"),
+        (b'"a string"', "request body must be a JSON object"),
+        (b"\xff\xfe", "request body is not valid UTF-8"),
+        (b'{"messages": "hi"}', "'messages' must be a list"),
+    ],
+)
+def test_bodies_bioproxy_must_read_but_cannot_are_400(raw, message):
+    with pytest.raises(BadRequest, match=message):
+        find("POST", "/v1/chat/completions", raw, PREFIXES)

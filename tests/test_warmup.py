@@ -1,0 +1,276 @@
+"""Warming, saving and restoring templates, against a fake llama-server."""
+
+import json
+
+import pytest
+import requests
+import responses
+
+from tests.fake_llama import END, SYSTEM, FakeLlama
+from tests.test_metrics import samples
+
+CODE = "You answer coding questions well and briefly.\n<{message}>\nBe exact."
+REVIEW = "You review code.\n<{message}>"
+
+
+@pytest.fixture
+def folder(isolated_config):
+    """The config file's folder, with two templates in it."""
+    folder = isolated_config.parent
+    (folder / "code.txt").write_text(CODE)
+    (folder / "review.txt").write_text(REVIEW)
+    (folder / "slots").mkdir()
+    return folder
+
+
+@pytest.fixture
+def llama():
+    responses.start()
+    yield FakeLlama().install()
+    responses.stop()
+    responses.reset()
+
+
+@pytest.fixture
+def app(make_app, folder, llama):
+    return make_app(
+        prefixes={"@code": "code.txt", "@review": "review.txt"},
+        slot_save_path=str(folder / "slots"),
+    )
+
+
+def warmer(app):
+    return app.extensions["bioproxy"].warmer
+
+
+def ask(client, text, **extra):
+    body = {"messages": [{"role": "user", "content": text}], **extra}
+    return client.post("/v1/chat/completions", data=json.dumps(body), buffered=True)
+
+
+def sample(admin, name, **labels):
+    return samples(admin).get((name, tuple(sorted(labels.items()))), 0)
+
+
+def test_start_up_warms_and_saves_each_template(app, llama, admin):
+    warmer(app).check()
+
+    heads = [prompt for _, prompt in llama.evaluated]
+    assert heads == [
+        SYSTEM + "You answer coding questions well and briefly.\n",
+        SYSTEM + "You review code.\n",
+    ]
+    assert [a for a, _, _ in llama.actions] == ["save", "save"]
+    states = {e["prefix"]: e["state"] for e in admin.get("/templates").get_json()["templates"]}
+    assert states == {"@code": "warm", "@review": "warm"}
+    assert sample(admin, "bioproxy_warmups_total", template="@code", outcome="ok") == 1
+    assert sample(admin, "bioproxy_slot_saves_total", template="@code", outcome="ok") == 1
+
+
+def test_a_warm_template_is_served_from_its_slot_without_restoring(app, llama, client):
+    warmer(app).check()
+    llama.actions.clear()
+
+    answer = ask(client, "@code How do I reverse a list?")
+
+    assert answer.status_code == 200
+    assert answer.headers["X-Bioproxy-Template"] == "@code"
+    assert answer.headers["X-Bioproxy-Cache"] == "slot"
+    sent = llama.chats[-1]
+    assert sent["messages"][-1]["content"] == (
+        "You answer coding questions well and briefly.\nHow do I reverse a list?\nBe exact."
+    )
+    assert sent["id_slot"] == llama.evaluated[0][0]
+    assert llama.actions == []
+    assert answer.get_json()["timings"]["cache_n"] == len((SYSTEM + CODE.split("<")[0]).split())
+
+
+def test_a_template_pushed_out_of_its_slot_is_restored(app, llama, client, admin):
+    warmer(app).check()
+    slot = llama.evaluated[0][0]
+    llama.run_other_task(slot)
+
+    answer = ask(client, "@code Why?")
+
+    assert answer.headers["X-Bioproxy-Cache"] == "restored"
+    assert llama.actions[-1][:2] == ("restore", slot)
+    assert answer.get_json()["timings"]["cache_n"] > 0
+    assert sample(admin, "bioproxy_slot_restores_total", template="@code", outcome="ok") == 1
+    assert (
+        sample(admin, "bioproxy_template_requests_total", template="@code", cache="restored") == 1
+    )
+
+
+def test_a_failed_restore_still_answers_cold_and_is_counted(app, llama, client, admin):
+    warmer(app).check()
+    llama.run_other_task(llama.evaluated[0][0])
+    llama.files.clear()  # the slot folder lost its files: restore answers 400
+
+    answer = ask(client, "@code Why?")
+
+    assert answer.status_code == 200
+    assert answer.headers["X-Bioproxy-Cache"] == "cold"
+    assert answer.get_json()["timings"]["cache_n"] == 0
+    assert sample(admin, "bioproxy_slot_restores_total", template="@code", outcome="failed") == 1
+    # The file is forgotten and the template warmed again at the next pass.
+    entry = warmer(app).entries["@code"]
+    assert entry.state == "stale"
+    assert (
+        warmer(app).registry.find("@code", entry.template.digest, warmer(app).slots.model) is None
+    )
+
+
+def test_a_restore_that_times_out_on_a_busy_slot_answers_cold(app, llama, client, admin):
+    warmer(app).check()
+    llama.run_other_task(llama.evaluated[0][0])
+    llama.error["restore"] = requests.ReadTimeout("slot busy")
+
+    answer = ask(client, "@code Why?")
+
+    assert answer.status_code == 200
+    assert answer.headers["X-Bioproxy-Cache"] == "cold"
+    assert sample(admin, "bioproxy_slot_restores_total", template="@code", outcome="failed") == 1
+
+
+def test_without_slot_save_path_templates_warm_but_are_not_saved(app, llama, client, admin):
+    llama.status["save"] = 501
+
+    warmer(app).check()
+    answer = ask(client, "@code Why?")
+
+    assert answer.headers["X-Bioproxy-Cache"] == "slot"
+    assert sample(admin, "bioproxy_slot_saves_total", template="@code", outcome="failed") == 1
+    assert warmer(app).registry.entries == {}
+    # Pushed out, there is nothing to restore from: cold, and no restore attempted.
+    llama.run_other_task(llama.chats[-1]["id_slot"])
+    llama.actions.clear()
+    assert ask(client, "@code Again?").headers["X-Bioproxy-Cache"] == "cold"
+    assert llama.actions == []
+
+
+def test_an_edited_template_is_warmed_again_and_its_old_file_deleted(app, llama, folder):
+    warmer(app).check()
+    old_file = warmer(app).registry.entries["@code"]["file"]
+    (folder / "slots" / old_file).write_bytes(b"kv")
+    (folder / "code.txt").write_text("New instructions.\n<{message}>")
+
+    warmer(app).check()
+
+    assert llama.evaluated[-1][1] == SYSTEM + "New instructions.\n"
+    new_file = warmer(app).registry.entries["@code"]["file"]
+    assert new_file != old_file
+    assert not (folder / "slots" / old_file).exists()
+
+
+def test_an_unchanged_template_is_not_warmed_again(app, llama):
+    warmer(app).check()
+    warmer(app).check()
+
+    assert len(llama.evaluated) == 2
+
+
+def test_a_restarted_llama_server_gets_its_templates_restored_without_a_request(app, llama):
+    warmer(app).check()
+    llama.restart()
+    llama.actions.clear()
+
+    warmer(app).check()
+
+    assert sorted(a for a, _, _ in llama.actions) == ["restore", "restore"]
+    assert len(llama.evaluated) == 2  # nothing evaluated again
+    assert all(llama.contents[s] for s in llama.contents)
+
+
+def test_another_model_gets_its_templates_evaluated_again(app, llama):
+    warmer(app).check()
+    llama.restart(model="/models/other.gguf")
+
+    warmer(app).check()
+
+    assert len(llama.evaluated) == 4
+    assert not any(a == "restore" for a, _, _ in llama.actions)
+
+
+def test_a_restarted_bioproxy_restores_instead_of_warming(app, make_app, llama, folder):
+    warmer(app).check()
+    llama.restart()
+    again = make_app(
+        prefixes={"@code": "code.txt", "@review": "review.txt"},
+        slot_save_path=str(folder / "slots"),
+    )
+
+    warmer(again).check()
+
+    assert len(llama.evaluated) == 2
+    assert [a for a, _, _ in llama.actions].count("restore") == 2
+
+
+def test_admin_can_ask_for_a_warmup(app, llama, admin):
+    warmer(app).check()
+
+    answer = admin.post("/templates/@code/warmup")
+    warmer(app).check()
+
+    assert answer.status_code == 202
+    assert answer.get_json()["prefix"] == "@code"
+    assert len(llama.evaluated) == 3  # evaluated again, not restored
+    assert admin.post("/templates/@nope/warmup").status_code == 404
+
+
+def test_one_slot_serves_every_template(make_app, folder, llama, client):
+    llama.tasks, llama.contents = {0: -1}, {0: ""}
+    app = make_app(prefixes={"@code": "code.txt", "@review": "review.txt"})
+    client = app.test_client()
+
+    warmer(app).check()
+    first = ask(client, "@code A?")
+    second = ask(client, "@review B")
+    third = ask(client, "@code C?")
+
+    assert {slot for slot, _ in llama.evaluated} == {0}
+    assert [c["id_slot"] for c in llama.chats] == [0, 0, 0]
+    # Each request finds the other template in the slot, and restores its own.
+    assert [a.headers["X-Bioproxy-Cache"] for a in (first, second, third)] == ["restored"] * 3
+
+
+def test_a_broken_template_answers_a_clear_error_and_nothing_else_changes(
+    make_app, folder, llama, admin
+):
+    (folder / "bad.txt").write_text("Secrets: <{../../etc/passwd}>\n<{message}>")
+    app = make_app(prefixes={"@code": "code.txt", "@bad": "bad.txt"})
+    client, admin = app.test_client(), app.test_client(base_url="http://localhost:8089")
+    warmer(app).check()
+
+    answer = ask(client, "@bad hello")
+    fine = ask(client, "@code hello")
+
+    assert answer.status_code == 500
+    error = answer.get_json()["error"]
+    assert error["code"] == "template_broken"
+    assert "@bad" in error["message"] and "outside the template root" in error["message"]
+    assert fine.status_code == 200
+    assert all("passwd" not in json.dumps(c) for c in llama.chats)
+    assert all("etc/passwd" not in p for _, p in llama.evaluated)
+    listed = {e["prefix"]: e for e in admin.get("/templates").get_json()["templates"]}
+    assert listed["@bad"]["state"] == "broken"
+    assert "outside the template root" in listed["@bad"]["error"]
+    assert sample(admin, "bioproxy_template_broken", template="@bad") == 1
+    assert sample(admin, "bioproxy_template_broken", template="@code") == 0
+
+
+def test_timings_of_templated_requests_are_counted(app, llama, client, admin):
+    warmer(app).check()
+
+    timings = ask(client, "@code How?").get_json()["timings"]
+
+    assert timings["cache_n"] > 0
+    reused = sample(admin, "bioproxy_prompt_tokens_reused_total", template="@code")
+    evaluated = sample(admin, "bioproxy_prompt_tokens_evaluated_total", template="@code")
+    assert (reused, evaluated) == (timings["cache_n"], timings["prompt_n"])
+
+
+def test_the_chat_template_renders_the_warmed_head(app, llama):
+    warmer(app).check()
+
+    assert llama.evaluated[0][1].startswith(SYSTEM)
+    assert not llama.evaluated[0][1].endswith(END)
