@@ -22,6 +22,15 @@ def state_dir():
     return os.path.join(base, "bioproxy")
 
 
+def use_examples_without_config(environ):
+    """With no config file at all, serve the example templates (and say so)."""
+    default = config.config_path(environ)
+    if "BIOPROXY_CONFIG" in environ or os.path.exists(default):
+        return
+    environ["BIOPROXY_CONFIG"] = os.path.join(ROOT, "examples", "config.json")
+    print(f"No config file at {default}: serving the examples in {environ['BIOPROXY_CONFIG']}")
+
+
 def backend_configured(environ):
     """Whether the user named a backend (config file or environment)."""
     if config.env_name("backend_url") in environ:
@@ -53,6 +62,8 @@ def start_local_backend(settings):
     print(f"  its log: {server.log_path}")
     server.start()
     server.wait_ready()
+    # bioproxy may then delete the slot files of templates that changed.
+    os.environ.setdefault(config.env_name("slot_save_path"), server.slot_save_path)
     return server
 
 
@@ -92,6 +103,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    use_examples_without_config(os.environ)
     try:
         settings = config.load()
         local = not args.no_local_backend and not backend_configured(os.environ)

@@ -28,6 +28,7 @@ class Slots:
         self.tasks = {}  # slot id -> last id_task seen, to notice a restart
         self.locks = {}  # slot id -> lock: one bioproxy request or warmup per slot
         self.used = {}  # slot id -> when bioproxy last used it
+        self.finishing = set()  # slots whose request is done, only bookkeeping left
 
     def refresh(self):
         """Read /props and /slots; True when llama-server restarted or changed its model."""
@@ -42,10 +43,11 @@ class Slots:
         if restarted or self.model is None:
             self.held.clear()
         self.model, self.tasks = identity, tasks
-        if len(slots) != self.count:
-            self.count = len(slots)
-            self.locks = {i: BoundedSemaphore() for i in range(self.count)}
-            self.used = dict.fromkeys(range(self.count), 0.0)
+        self.count = len(slots)
+        # Locks are kept across a change of slot count: a request may still hold one.
+        for i in range(self.count):
+            self.locks.setdefault(i, BoundedSemaphore())
+            self.used.setdefault(i, 0.0)
         return restarted
 
     def holds(self, slot, prefix, digest):
@@ -81,8 +83,12 @@ class Slots:
         self.held.pop(slot, None)
 
     def pick(self, prefix):
-        """A slot for a template: a free one that holds it, else the least recently used."""
-        free = [i for i in range(self.count) if not self.locks[i].locked()]
+        """A slot for a template: a free one that holds it, else the least recently used.
+
+        A slot whose request has finished but whose bookkeeping is still being done
+        counts as free: waiting a millisecond beats restoring into another slot.
+        """
+        free = [i for i in range(self.count) if not self.locks[i].locked() or i in self.finishing]
         candidates = free or list(range(self.count))
         holding = [i for i in candidates if self.held.get(i, ("",))[0] == prefix]
         return holding[0] if holding else min(candidates, key=self.used.__getitem__)

@@ -133,7 +133,7 @@ class Upstream:
             # llama.cpp then: send once more, on a fresh connection.
             if not _closed_before_answering(e):
                 raise
-            log.info("upstream closed a pooled connection; sending again: %s", prepared.url)
+            log.debug("upstream closed a pooled connection; sending again: %s", prepared.url)
             return self.adapter.send(prepared, stream=True, timeout=timeout)
 
 
@@ -152,6 +152,10 @@ def iter_body(response):
                 break
             yield data
     finally:
+        if response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            # llama-server closes the connection after every stream without announcing
+            # it; drop it now instead of racing its FIN when the pool hands it out again.
+            response.raw.close()
         response.close()
 
 

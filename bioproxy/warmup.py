@@ -174,8 +174,9 @@ class Warmer:
         self.metrics.warmups.labels(entry.prefix, "ok").inc()
         self.metrics.warmup_seconds.labels(entry.prefix).observe(seconds)
         log.info("template %s warmed: %s tokens in %.2f s", entry.prefix, entry.tokens, seconds)
-        self.slots.mark(slot, entry.prefix, template.digest)
         self.save(entry, slot)
+        # After the save: what the slot last ran is then what bioproxy saw last.
+        self.slots.mark(slot, entry.prefix, template.digest)
 
     def save(self, entry, slot):
         template = entry.template
@@ -249,10 +250,12 @@ class Warmer:
 
     def finish(self, entry, slot, digest, succeeded):
         """After a templated request: the slot now holds the template if it succeeded."""
+        self.slots.finishing.add(slot)
         try:
             if succeeded and entry.template is not None and entry.template.digest == digest:
                 self.slots.mark(slot, entry.prefix, digest)
             else:
                 self.slots.forget(slot)
         finally:
+            self.slots.finishing.discard(slot)
             self.slots.release(slot)
