@@ -40,9 +40,7 @@ def metrics():
 def templates():
     """Each configured template: its file, state, tokens, save file and last warmup."""
     warmer = current_app.extensions["bioproxy"].warmer
-    return jsonify(
-        {"templates": [entry.describe(warmer.registry) for entry in warmer.entries.values()]}
-    )
+    return jsonify({"templates": [describe(warmer, entry) for entry in warmer.entries.values()]})
 
 
 @bp.post("/templates/<prefix>/warmup", host="admin")
@@ -52,6 +50,10 @@ def warmup(prefix):
     if prefix not in warmer.entries:
         raise NotFound(f"no template has the prefix {prefix!r}")
     warmer.request_warmup(prefix)
-    response = jsonify(warmer.entries[prefix].describe(warmer.registry))
+    response = jsonify(describe(warmer, warmer.entries[prefix]))
     response.status_code = 202
     return response
+
+
+def describe(warmer, entry):
+    return entry.describe(warmer.registry, warmer.slots.model)

@@ -16,12 +16,6 @@ log = logging.getLogger("bioproxy")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def state_dir():
-    """Where the local llama-server keeps its slot files and log."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(base, "bioproxy")
-
-
 def use_examples_without_config(environ):
     """With no config file at all, serve the example templates (and say so)."""
     default = config.config_path(environ)
@@ -49,7 +43,8 @@ def answers(url):
 def start_local_backend(settings):
     """A llama-server with the bundled model at the default backend address."""
     parts = requests.utils.urlparse(settings.backend_url)
-    folder = state_dir()
+    # Beside bioproxy's own record of its saves.
+    folder = config.resolve_path(settings.state_dir, config.base_dir())
     os.makedirs(folder, exist_ok=True)
     server = llamacpp.LlamaServer(
         port=parts.port or 80,
@@ -61,7 +56,11 @@ def start_local_backend(settings):
     print(f"Starting llama-server with {llamacpp.MODEL_FILE} on {server.url}")
     print(f"  its log: {server.log_path}")
     server.start()
-    server.wait_ready()
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
     # bioproxy may then delete the slot files of templates that changed.
     os.environ.setdefault(config.env_name("slot_save_path"), server.slot_save_path)
     return server

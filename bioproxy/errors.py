@@ -23,6 +23,12 @@ class BadRequest(BioproxyError):
     code = "bad_request"
 
 
+class SlotApiReserved(BioproxyError):
+    status = 403
+    type = "permission_error"
+    code = "slot_api_reserved"
+
+
 class RequestTooLarge(BioproxyError):
     status = 413
     type = "invalid_request_error"

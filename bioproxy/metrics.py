@@ -8,6 +8,10 @@ from prometheus_flask_exporter import PrometheusMetrics
 
 PREFIX = "bioproxy"
 
+# The methods the proxy forwards; a request with another one is not counted, so made-up
+# methods cannot create series either.
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
 # llama-server's API paths; anything else is counted as "other", so an arbitrary
 # path cannot create a new time series.
 KNOWN_PATHS = frozenset(
@@ -60,6 +64,7 @@ class Metrics:
 
     def __init__(self, app):
         self.registry = CollectorRegistry()
+        app.before_request(_skip_unknown_methods)
         self.exporter = PrometheusMetrics(
             app,
             registry=self.registry,
@@ -131,6 +136,11 @@ class Metrics:
             ["template"],
             **per_template,
         )
+
+
+def _skip_unknown_methods():
+    if request.method not in METHODS:
+        do_not_track()
 
 
 def do_not_track():

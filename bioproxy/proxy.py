@@ -1,6 +1,7 @@
 """The proxy port: every request goes on to llama.cpp and its answer streams back."""
 
 import logging
+import re
 import time
 from urllib.parse import quote
 
@@ -8,12 +9,13 @@ from flask import Blueprint, Response, current_app, g, request
 
 from . import injection, templated
 from . import upstream as upstream_module
-from .errors import RequestTooLarge, UpstreamCut, UpstreamError
+from .errors import RequestTooLarge, SlotApiReserved, UpstreamCut, UpstreamError
+from .metrics import METHODS
 
 bp = Blueprint("proxy", __name__)
 access_log = logging.getLogger("bioproxy.access")
 
-METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+SLOT_ACTION = re.compile(r"/slots/[^/]+")
 
 
 class PassthroughResponse(Response):
@@ -49,6 +51,12 @@ def track_until_closed(response):
 def forward(path):
     """Forward the request as it came and stream llama.cpp's answer back."""
     state = current_app.extensions["bioproxy"]
+    if state.warmer.entries and request.method == "POST" and SLOT_ACTION.fullmatch(request.path):
+        # Clients could erase the warm slots or overwrite bioproxy's saved files.
+        raise SlotApiReserved(
+            "llama-server's slot actions are reserved to bioproxy, which "
+            "manages the slots for its templates"
+        )
     body = read_body(request, state.settings.max_request_bytes)
     headers = upstream_module.end_to_end(
         list(request.headers.items()), upstream_module.REQUEST_OWNED

@@ -10,6 +10,9 @@ import time
 log = logging.getLogger(__name__)
 
 
+NAME = re.compile(r"bioproxy-[A-Za-z0-9_-]{0,32}-[0-9a-f]{1,16}-[0-9a-f]{1,12}\.bin")
+
+
 def filename(prefix, digest, model):
     """The slot file's name: only bioproxy's own hashes and the prefix's safe characters."""
     name = re.sub(r"[^A-Za-z0-9_-]", "", prefix)[:32] or "template"
@@ -59,8 +62,9 @@ class Registry:
             self._delete(old["file"])
 
     def _delete(self, name):
-        # Only possible when llama-server's slot folder is on this machine and known.
-        if not self.slot_save_path:
+        # Only possible when llama-server's slot folder is on this machine and known; and
+        # only a name of bioproxy's own shape, whatever saved.json was edited to say.
+        if not self.slot_save_path or not NAME.fullmatch(name):
             return
         try:
             os.remove(os.path.join(self.slot_save_path, name))
@@ -83,8 +87,12 @@ class Registry:
 
     def _write(self):
         folder = os.path.dirname(self.path)
-        os.makedirs(folder, exist_ok=True)
-        # Write then rename, so a crash never leaves half a file.
-        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
-            json.dump(self.entries, f, indent=1, sort_keys=True)
-        os.replace(f.name, self.path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            # Write then rename, so a crash never leaves half a file.
+            with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
+                json.dump(self.entries, f, indent=1, sort_keys=True)
+            os.replace(f.name, self.path)
+        except OSError as e:
+            # Saves still work while bioproxy runs; a restart will warm again.
+            log.error("cannot record saved slot files in %s: %s", self.path, e)

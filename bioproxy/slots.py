@@ -35,7 +35,7 @@ class Slots:
         props = self.upstream.call("GET", "/props", timeout=self.timeout)
         slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
         identity = model_identity(props, slots)
-        tasks = {slot["id"]: slot.get("id_task", -1) for slot in slots}
+        tasks = {i: task for i, (task, _) in _states(slots).items()}
         # Task ids only grow while a server lives; a smaller one means a new server.
         restarted = self.model is not None and (
             identity != self.model or any(tasks.get(i, -1) < seen for i, seen in self.tasks.items())
@@ -55,29 +55,30 @@ class Slots:
         held = self.held.get(slot)
         if not held or held[:2] != (prefix, digest):
             return False
-        try:
-            slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
-        except BackendError as e:
-            log.warning("cannot read slots: %s", e)
-            return False
-        now = {s["id"]: s.get("id_task", -1) for s in slots}.get(slot)
-        if now != held[2]:
-            # Another task ran there since, or llama-server restarted.
-            del self.held[slot]
+        if self._state(slot) != (held[2], False):
+            # Another task ran or runs there, or llama-server restarted.
+            self.held.pop(slot, None)
             return False
         return True
 
     def mark(self, slot, prefix, digest):
-        """Record that the slot now holds this template version."""
+        """Record that the slot now holds this template version (bioproxy just used it)."""
+        task, busy = self._state(slot)
+        if task is None or busy:
+            # Unknown, or another request already runs there: it will replace the template.
+            self.held.pop(slot, None)
+            return
+        self.held[slot] = (prefix, digest, task)
+        self.tasks[slot] = max(self.tasks.get(slot, -1), task)
+
+    def _state(self, slot):
+        """(last task id, whether it is processing) of a slot, or (None, None)."""
         try:
             slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
         except BackendError as e:
             log.warning("cannot read slots: %s", e)
-            self.held.pop(slot, None)
-            return
-        task = {s["id"]: s.get("id_task", -1) for s in slots}.get(slot)
-        self.held[slot] = (prefix, digest, task)
-        self.tasks[slot] = max(self.tasks.get(slot, -1), task)
+            return None, None
+        return _states(slots).get(slot, (None, None))
 
     def forget(self, slot):
         self.held.pop(slot, None)
@@ -94,9 +95,15 @@ class Slots:
         return holding[0] if holding else min(candidates, key=self.used.__getitem__)
 
     def acquire(self, slot):
-        """Wait until no other bioproxy request or warmup uses the slot, then take it."""
-        self.locks[slot].acquire()
+        """Take the slot once no other bioproxy request or warmup uses it; False on timeout.
+
+        Bounded, so a client that stops reading a stream cannot stall the others.
+        """
+        if not self.locks[slot].acquire(timeout=self.timeout):
+            log.warning("slot %d stayed busy for %g s", slot, self.timeout)
+            return False
         self.used[slot] = time.monotonic()
+        return True
 
     def release(self, slot):
         self.locks[slot].release()
@@ -116,6 +123,18 @@ class Slots:
         return self.upstream.call(
             "POST", f"/slots/{slot}?action={action}", {"filename": filename}, self.timeout
         )
+
+
+def _states(slots):
+    """{slot id: (last task id or -1, is processing)} from GET /slots."""
+    states = {}
+    for slot in slots:
+        task = slot.get("id_task")
+        states[slot["id"]] = (
+            task if isinstance(task, int) else -1,
+            bool(slot.get("is_processing")),
+        )
+    return states
 
 
 def model_identity(props, slots):

@@ -1,6 +1,8 @@
 """Serving a templated request: its slot, its cache, the expanded template, its timings."""
 
 import json
+import string
+from urllib.parse import quote
 
 from .errors import TemplateBroken
 
@@ -46,7 +48,7 @@ def forward(state, match, send):
             f"template {entry.prefix} ({entry.path}) cannot be used: {entry.error}"
         )
     # Only chat requests match the warmed cache; completions are expanded, not pinned.
-    slot, cache = warmer.prepare(entry) if match.chat else (None, "cold")
+    slot, cache = warmer.prepare(entry, template) if match.chat else (None, "cold")
     tail = Tail()
     try:
         response = send(match.expand(template, slot), tail.watch)
@@ -55,17 +57,21 @@ def forward(state, match, send):
             warmer.finish(entry, slot, template.digest, succeeded=False)
         raise
     metrics.template_requests.labels(entry.prefix, cache).inc()
-    response.headers["X-Bioproxy-Template"] = entry.prefix
+    # Header values are latin-1: a prefix beyond ASCII goes percent-encoded.
+    response.headers["X-Bioproxy-Template"] = quote(entry.prefix, safe=string.punctuation)
     response.headers["X-Bioproxy-Cache"] = cache
 
     def done():
-        timings = tail.timings()
-        if timings:
-            metrics.tokens_reused.labels(entry.prefix).inc(timings.get("cache_n", 0))
-            metrics.tokens_evaluated.labels(entry.prefix).inc(timings.get("prompt_n", 0))
-        if slot is not None:
-            ok = tail.complete and response.status_code == 200
-            warmer.finish(entry, slot, template.digest, succeeded=ok)
+        try:
+            timings = tail.timings() or {}
+            reused, evaluated = timings.get("cache_n"), timings.get("prompt_n")
+            if isinstance(reused, int) and isinstance(evaluated, int):
+                metrics.tokens_reused.labels(entry.prefix).inc(reused)
+                metrics.tokens_evaluated.labels(entry.prefix).inc(evaluated)
+        finally:
+            if slot is not None:
+                ok = tail.complete and response.status_code == 200
+                warmer.finish(entry, slot, template.digest, succeeded=ok)
 
     response.call_on_close(done)
     return response

@@ -30,8 +30,9 @@ class Entry:
         self.last_warmup = None
         self.forced = False  # evaluate again even though a saved file exists
 
-    def describe(self, registry):
-        saved = registry.entries.get(self.prefix)
+    def describe(self, registry, model):
+        digest = self.template.digest if self.template else None
+        saved = registry.find(self.prefix, digest, model)
         return {
             "prefix": self.prefix,
             "file": self.path,
@@ -65,6 +66,9 @@ class Warmer:
         self.backend_was_down = False
         self.wake = Event()
         self.greenlet = None
+        for prefix in list(self.registry.entries):
+            if prefix not in self.entries:
+                self.registry.forget(prefix)  # a template no longer configured
         self.reload()
 
     # The watcher: a loop of passes, each catching its own errors.
@@ -134,17 +138,18 @@ class Warmer:
 
     def warm(self, entry):
         """Make a template's cache warm in a slot and saved: restore it, else evaluate it."""
+        template = entry.template
         slot = self.slots.pick(entry.prefix)
-        self.slots.acquire(slot)
+        if not self.slots.acquire(slot):
+            return  # tried again at the next pass
         try:
-            if entry.forced or self.restore(entry, slot) != "restored":
+            if entry.forced or self.restore(entry, template, slot) != "restored":
                 entry.forced = False
-                self.evaluate(entry, slot)
+                self.evaluate(entry, template, slot)
         finally:
             self.slots.release(slot)
 
-    def evaluate(self, entry, slot):
-        template = entry.template
+    def evaluate(self, entry, template, slot):
         entry.state = "warming"
         log.info("warming template %s in slot %d", entry.prefix, slot)
         started = time.monotonic()
@@ -156,15 +161,15 @@ class Warmer:
                 {"prompt": head, "n_predict": 0, "id_slot": slot, "cache_prompt": True},
                 self.warmup_timeout,
             )
-        except BackendError as e:
+            tokens = int(answer["tokens_evaluated"])
+        except Exception as e:  # any failure must leave the template retryable
             entry.state = "failed"
             entry.last_warmup = {"at": time.time(), "outcome": "failed", "error": str(e)}
             self.metrics.warmups.labels(entry.prefix, "failed").inc()
             log.warning("warming template %s failed: %s", entry.prefix, e)
             return
         seconds = time.monotonic() - started
-        entry.tokens = answer.get("tokens_evaluated")
-        entry.state = "warm"
+        entry.tokens = tokens
         entry.last_warmup = {
             "at": time.time(),
             "outcome": "ok",
@@ -173,28 +178,31 @@ class Warmer:
         }
         self.metrics.warmups.labels(entry.prefix, "ok").inc()
         self.metrics.warmup_seconds.labels(entry.prefix).observe(seconds)
-        log.info("template %s warmed: %s tokens in %.2f s", entry.prefix, entry.tokens, seconds)
-        self.save(entry, slot)
+        log.info("template %s warmed: %d tokens in %.2f s", entry.prefix, tokens, seconds)
+        self.save(entry, template, slot, tokens)
         # After the save: what the slot last ran is then what bioproxy saw last.
         self.slots.mark(slot, entry.prefix, template.digest)
+        entry.state = "warm"
 
-    def save(self, entry, slot):
-        template = entry.template
+    def save(self, entry, template, slot, tokens):
         name = filename(entry.prefix, template.digest, self.slots.model)
         try:
-            tokens = self.slots.save(slot, name)
+            saved = self.slots.save(slot, name)
+            # The prefix plus the one token llama-server generates; anything else means
+            # another request ran in the slot first and its cache would be saved instead.
+            if not tokens <= saved <= tokens + 1:
+                raise BackendError("save", f"saved {saved} tokens, evaluated {tokens}")
         except BackendError as e:
             self.metrics.saves.labels(entry.prefix, "failed").inc()
             hint = " (is llama-server's --slot-save-path set?)" if e.status == 501 else ""
             log.warning("saving template %s failed%s: %s", entry.prefix, hint, e)
             return
-        self.registry.record(entry.prefix, template.digest, self.slots.model, tokens)
+        self.registry.record(entry.prefix, template.digest, self.slots.model, saved)
         self.metrics.saves.labels(entry.prefix, "ok").inc()
-        log.info("template %s saved: %d tokens in %s", entry.prefix, tokens, name)
+        log.info("template %s saved: %d tokens in %s", entry.prefix, saved, name)
 
-    def restore(self, entry, slot):
+    def restore(self, entry, template, slot):
         """Load the template's saved cache into the slot: "restored", or "cold" if it can't."""
-        template = entry.template
         saved = self.registry.find(entry.prefix, template.digest, self.slots.model)
         if saved is None:
             return "cold"
@@ -205,7 +213,8 @@ class Warmer:
             self.slots.forget(slot)
             self.metrics.restores.labels(entry.prefix, "failed").inc()
             log.warning("restoring template %s failed: %s", entry.prefix, e)
-            if e.status == 400:
+            current = self.registry.entries.get(entry.prefix)
+            if e.status == 400 and current and current["file"] == saved["file"]:
                 self.registry.forget(entry.prefix)
                 entry.state = "stale"
                 self.wake.set()
@@ -227,11 +236,12 @@ class Warmer:
 
     # The request path.
 
-    def prepare(self, entry):
+    def prepare(self, entry, template):
         """A slot taken for a templated request, and its cache state: slot, restored, cold.
 
-        Returns (None, "cold") when llama-server's slots are unknown (it is down); the
-        request then goes unpinned. The caller must finish() a taken slot.
+        Returns (None, "cold") when llama-server's slots are unknown (it is down) or no
+        slot came free within slot_timeout; the request then goes unpinned. The caller
+        must finish() a taken slot.
         """
         if self.slots.count == 0:
             try:
@@ -239,11 +249,12 @@ class Warmer:
             except BackendError:
                 return None, "cold"
         slot = self.slots.pick(entry.prefix)
-        self.slots.acquire(slot)
+        if not self.slots.acquire(slot):
+            return None, "cold"
         try:
-            if self.slots.holds(slot, entry.prefix, entry.template.digest):
+            if self.slots.holds(slot, entry.prefix, template.digest):
                 return slot, "slot"
-            return slot, self.restore(entry, slot)
+            return slot, self.restore(entry, template, slot)
         except BaseException:
             self.slots.release(slot)
             raise

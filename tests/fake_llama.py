@@ -25,6 +25,8 @@ class FakeLlama:
         self.evaluated = []  # (slot, prompt) of each /completion
         self.actions = []  # (action, slot, filename)
         self.chats = []  # request bodies of chat completions
+        self.busy = set()  # slots that GET /slots shows as processing
+        self.extra_saved = 0  # tokens a save reports beyond what the slot holds
 
     def install(self):
         responses.add_callback("GET", f"{BACKEND}/props", self.props)
@@ -64,7 +66,7 @@ class FakeLlama:
         return self._json(
             200,
             [
-                {"id": i, "n_ctx": 4096, "id_task": t, "is_processing": False}
+                {"id": i, "n_ctx": 4096, "id_task": t, "is_processing": i in self.busy}
                 for i, t in self.tasks.items()
             ],
         )
@@ -94,7 +96,8 @@ class FakeLlama:
             return self._json(self.status[action], {"error": {"message": f"{action} refused"}})
         if action == "save":
             self.files[name] = self.contents[slot]
-            return self._json(200, {"id_slot": slot, "n_saved": len(self.contents[slot].split())})
+            saved = len(self.contents[slot].split()) + self.extra_saved
+            return self._json(200, {"id_slot": slot, "n_saved": saved})
         if name not in self.files:
             self.contents[slot] = ""
             return self._json(400, {"error": {"message": "Unable to restore slot"}})

@@ -98,3 +98,12 @@ def test_a_streamed_response_is_in_flight_until_closed(client, admin):
     assert samples(admin)[("bioproxy_requests_in_flight", ())] == 1
     answer.close()
     assert samples(admin)[("bioproxy_requests_in_flight", ())] == 0
+
+
+@responses.activate
+def test_made_up_methods_create_no_series(client, admin):
+    for method in ("XYZA", "PROPFIND", "BREW"):
+        assert client.open("/v1/models", method=method).status_code == 405
+
+    methods = {dict(labels).get("method") for _, labels in samples(admin)} - {None}
+    assert methods == set()

@@ -274,3 +274,53 @@ def test_the_chat_template_renders_the_warmed_head(app, llama):
 
     assert llama.evaluated[0][1].startswith(SYSTEM)
     assert not llama.evaluated[0][1].endswith(END)
+
+
+def test_clients_may_not_use_the_slot_api_while_templates_are_served(app, llama, client):
+    answer = client.post("/slots/0?action=erase", data=b"{}")
+
+    assert answer.status_code == 403
+    assert answer.get_json()["error"]["code"] == "slot_api_reserved"
+    assert llama.actions == []
+    assert client.get("/slots").status_code == 200  # reading them is fine
+
+
+def test_a_prefix_beyond_ascii_is_percent_encoded_in_the_header(make_app, folder, llama):
+    app = make_app(prefixes={"@代码": "code.txt"})
+    warmer(app).check()
+
+    answer = ask(app.test_client(), "@代码 hi")
+
+    assert answer.status_code == 200
+    assert answer.headers["X-Bioproxy-Template"] == "@%E4%BB%A3%E7%A0%81"
+
+
+def test_a_slot_another_request_runs_in_is_not_counted_as_holding(app, llama, client):
+    warmer(app).check()
+    slot = llama.evaluated[0][0]
+    llama.busy.add(slot)  # llama.cpp put another request there meanwhile
+
+    assert ask(client, "@code Why?").headers["X-Bioproxy-Cache"] == "restored"
+    assert warmer(app).slots.held.get(llama.chats[-1]["id_slot"]) is None
+
+
+def test_a_save_of_something_else_than_the_template_is_not_recorded(app, llama, admin):
+    llama.extra_saved = 40  # another request ran in the slot before the save
+
+    warmer(app).check()
+
+    assert warmer(app).registry.entries == {}
+    assert sample(admin, "bioproxy_slot_saves_total", template="@code", outcome="failed") == 1
+
+
+def test_a_slot_held_too_long_sends_the_request_unpinned_and_cold(make_app, folder, llama):
+    llama.tasks, llama.contents = {0: -1}, {0: ""}
+    app = make_app(prefixes={"@code": "code.txt"}, slot_timeout=0.2)
+    warmer(app).check()
+    assert warmer(app).slots.acquire(0)  # as a stream whose client stopped reading
+
+    answer = ask(app.test_client(), "@code Why?")
+
+    assert answer.status_code == 200
+    assert answer.headers["X-Bioproxy-Cache"] == "cold"
+    assert "id_slot" not in llama.chats[-1]
