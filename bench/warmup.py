@@ -7,8 +7,8 @@ first token (TTFT) and the prompt tokens llama.cpp evaluated for a templated req
 - cold:      the same expanded request straight to llama-server, nothing cached
 - restarted: through bioproxy, the first request after llama-server restarted
 - edited:    through bioproxy, the first request after the template file changed
-- best:      llama.cpp's own best case: straight to llama-server, the same template
-             already in the slot from the previous request (another question)
+- best:      llama.cpp's own best case: straight to llama-server, pinned to a slot that
+             holds exactly the template's prefix, with the same questions as "warm"
 
 Run:    .venv/bin/python -m bench.warmup [--rounds 5]
 """
@@ -146,17 +146,22 @@ class Bench:
 
     def measure(self, prefix):
         cases = {name: [] for name in ("warm", "cold", "restarted", "edited", "best")}
-        for _ in range(self.rounds):
-            cases["warm"].append(self.through_bioproxy(prefix))
-            question = next(self.questions)
-            cases["cold"].append(
-                first_token(self.llama.url, self.expanded(prefix, question), cache_prompt=False)
-            )
-            # llama.cpp's best case: the previous request left this template in a slot.
-            first_token(self.llama.url, self.expanded(prefix, next(self.questions)))
-            cases["best"].append(
-                first_token(self.llama.url, self.expanded(prefix, next(self.questions)))
-            )
+        # bioproxy alone first: other clients' requests would push its template out.
+        self.proxy_only_warm(prefix)
+        questions = [next(self.questions) for _ in range(self.rounds)]
+        for question in questions:
+            cases["warm"].append(first_token(self.proxy.proxy_url, f"{prefix} {question}"))
+        # llama.cpp's best case: exactly the template's prefix in the slot, the same
+        # questions, so both evaluate the same tokens.
+        head = self.rendered_head(prefix)
+        for question in questions:
+            prefill = {"prompt": head, "n_predict": 0, "id_slot": 0, "cache_prompt": True}
+            requests.post(self.llama.url + "/completion", json=prefill, timeout=600)
+            expanded = self.expanded(prefix, question)
+            cases["best"].append(first_token(self.llama.url, expanded, id_slot=0))
+        for question in questions:
+            expanded = self.expanded(prefix, question)
+            cases["cold"].append(first_token(self.llama.url, expanded, cache_prompt=False))
         for _ in range(max(1, self.rounds // 2)):
             restores = self.restores(prefix)
             self.llama.stop()
@@ -173,6 +178,16 @@ class Bench:
             self.wait_warm(lambda listed, old=digest: listed[prefix]["digest"] != old)
             cases["edited"].append(self.through_bioproxy(prefix))
         return cases
+
+    def rendered_head(self, prefix):
+        """The prompt text before the message, as llama-server's chat template renders it."""
+        marker = "\u2063bench\u2063"
+        messages = [{"role": "user", "content": self.expanded(prefix, marker)}]
+        answer = requests.post(
+            self.llama.url + "/apply-template", json={"messages": messages}, timeout=60
+        )
+        prompt = answer.json()["prompt"]
+        return prompt[: prompt.index(marker)]
 
     def proxy_only_warm(self, prefix):
         """Put the template back in its slot, as bioproxy keeps it when it is the only client."""
