@@ -5,6 +5,7 @@ import string
 from urllib.parse import quote
 
 from .errors import TemplateBroken
+from .upstream import BackendError
 
 TAIL_BYTES = 16 * 1024
 
@@ -48,13 +49,13 @@ def forward(state, match, send):
             f"template {entry.prefix} ({entry.path}) cannot be used: {entry.error}"
         )
     # Only chat requests match the warmed cache; completions are expanded, not pinned.
-    slot, cache = warmer.prepare(entry, template) if match.chat else (None, "cold")
+    slot, cache = take_slot(warmer, entry, template) if match.chat else (None, "cold")
     tail = Tail()
     try:
         response = send(match.expand(template, slot), tail.watch)
     except BaseException:
         if slot is not None:
-            warmer.finish(entry, slot, template.digest, succeeded=False)
+            release_slot(warmer, entry, slot, template.digest, succeeded=False)
         raise
     metrics.template_requests.labels(entry.prefix, cache).inc()
     # Header values are latin-1: a prefix beyond ASCII goes percent-encoded.
@@ -71,7 +72,46 @@ def forward(state, match, send):
         finally:
             if slot is not None:
                 ok = tail.complete and response.status_code == 200
-                warmer.finish(entry, slot, template.digest, succeeded=ok)
+                release_slot(warmer, entry, slot, template.digest, succeeded=ok)
 
     response.call_on_close(done)
     return response
+
+
+def take_slot(warmer, entry, template):
+    """A slot taken for a templated request, and its cache state: slot, restored, cold.
+
+    Returns (None, "cold") when llama-server's slots are unknown (it is down) or no slot
+    came free within slot_timeout; the request then goes unpinned. A taken slot must be
+    given back with release_slot().
+    """
+    slots = warmer.slots
+    if slots.count == 0:
+        try:
+            slots.refresh()
+        except BackendError:
+            return None, "cold"
+    slot = slots.pick(entry.prefix)
+    if not slots.acquire(slot):
+        return None, "cold"
+    try:
+        if slots.holds(slot, entry.prefix, template.digest):
+            return slot, "slot"
+        return slot, warmer.restore(entry, template, slot)
+    except BaseException:
+        slots.release(slot)
+        raise
+
+
+def release_slot(warmer, entry, slot, digest, succeeded):
+    """After a templated request: the slot now holds the template if it succeeded."""
+    slots = warmer.slots
+    slots.finishing.add(slot)
+    try:
+        if succeeded and entry.template is not None and entry.template.digest == digest:
+            slots.mark(slot, entry.prefix, digest)
+        else:
+            slots.forget(slot)
+    finally:
+        slots.finishing.discard(slot)
+        slots.release(slot)
