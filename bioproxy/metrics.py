@@ -99,6 +99,12 @@ class Metrics:
             ["template", "outcome"],
             **per_template,
         )
+        self.warmup_cancellations = Counter(
+            f"{PREFIX}_warmup_cancellations_total",
+            "Template evaluations stopped because a user request arrived (tried again later).",
+            ["template"],
+            **per_template,
+        )
         self.warmup_seconds = Histogram(
             f"{PREFIX}_warmup_seconds",
             "Time to evaluate a template's prefix in a slot.",

@@ -27,18 +27,22 @@ class PassthroughResponse(Response):
 @bp.before_request
 def start_tracking():
     g.started = time.monotonic()
-    current_app.extensions["bioproxy"].metrics.in_flight.inc()
+    state = current_app.extensions["bioproxy"]
+    state.metrics.in_flight.inc()
+    state.warmer.user_started()
 
 
 @bp.after_request
 def track_until_closed(response):
     """Count the request in flight and log it once its response is closed (stream sent)."""
-    metrics = current_app.extensions["bioproxy"].metrics
+    state = current_app.extensions["bioproxy"]
+    metrics, warmer = state.metrics, state.warmer
     line = (request.remote_addr, request.method, request_target(request.environ))
     status, started = response.status_code, g.started
 
     def done():
         metrics.in_flight.dec()
+        warmer.user_finished()
         duration_ms = (time.monotonic() - started) * 1000
         access_log.info("%s %s %s %d %.1fms", *line, status, duration_ms)
 

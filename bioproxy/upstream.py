@@ -98,17 +98,26 @@ class Upstream:
                 f"llama.cpp at {self.base_url} is unavailable: {_reason(e)}"
             ) from e
 
-    def call(self, method, path, body=None, timeout=None):
-        """One of bioproxy's own JSON calls: the decoded answer, or BackendError."""
+    def open(self, method, path, body=None, timeout=None):
+        """One of bioproxy's own calls, streamed: the response once its headers arrived."""
         prepared = requests.Request(method, self.base_url + path, json=body).prepare()
         try:
-            with self._send(prepared, timeout or self.read_timeout) as response:
-                content = response.content
+            response = self._send(prepared, timeout or self.read_timeout)
         except requests.RequestException as e:
             raise BackendError(f"{method} {path}", _reason(e)) from e
         if response.status_code >= 400:
-            reason = f"{response.status_code} {_error_message(response)}"
+            with response:
+                reason = f"{response.status_code} {_error_message(response)}"
             raise BackendError(f"{method} {path}", reason, response.status_code)
+        return response
+
+    def call(self, method, path, body=None, timeout=None):
+        """One of bioproxy's own JSON calls: the decoded answer, or BackendError."""
+        with self.open(method, path, body, timeout) as response:
+            try:
+                content = response.content
+            except requests.RequestException as e:
+                raise BackendError(f"{method} {path}", _reason(e)) from e
         try:
             return json.loads(content) if content else None
         except ValueError:

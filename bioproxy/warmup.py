@@ -1,5 +1,6 @@
 """Keeping templates warm: watching their files, warming, saving and restoring their caches."""
 
+import json
 import logging
 import time
 
@@ -9,12 +10,14 @@ from gevent.event import Event
 from . import config, templates
 from .registry import Registry, filename
 from .slots import Slots
-from .upstream import BackendError
+from .upstream import BackendError, iter_body
 
 log = logging.getLogger(__name__)
 
 # Stands in for the user's message when asking llama-server how it renders a template.
 SENTINEL = "\u2063bioproxy-message\u2063"
+# A template is evaluated in pieces of about this many characters (some 150 tokens).
+PIECE_CHARS = 600
 
 
 class Entry:
@@ -29,6 +32,8 @@ class Entry:
         self.tokens = None  # tokens of the warmed prefix
         self.last_warmup = None
         self.forced = False  # evaluate again even though a saved file exists
+        self.failures = 0  # failed evaluations in a row
+        self.retry_at = 0.0  # no new try before this time.monotonic()
 
     def describe(self, registry, model):
         digest = self.template.digest if self.template else None
@@ -64,6 +69,11 @@ class Warmer:
             config.resolve_path(slot_folder, base_dir) if slot_folder else None,
         )
         self.backend_was_down = False
+        self.users = 0  # user requests in flight
+        self.idle = Event()  # set while there are none
+        self.idle.set()
+        self.running = None  # the upstream response of the evaluation under way
+        self.cancelled = False
         self.wake = Event()
         self.greenlet = None
         for prefix in list(self.registry.entries):
@@ -112,7 +122,8 @@ class Warmer:
                     entry.state = "stale"
         self.backend_was_down = False
         for entry in self.entries.values():
-            if entry.template is not None and entry.state in ("pending", "stale", "failed"):
+            due = entry.state != "failed" or time.monotonic() >= entry.retry_at
+            if entry.template is not None and entry.state in ("stale", "failed") and due:
                 self.warm(entry)
 
     def reload(self):
@@ -139,30 +150,66 @@ class Warmer:
     def warm(self, entry):
         """Make a template's cache warm in a slot and saved: restore it, else evaluate it."""
         template = entry.template
+        saved = self.registry.find(entry.prefix, template.digest, self.slots.model)
+        if entry.forced or saved is None:
+            # Evaluating takes seconds and slows every slot: users first. (A restore
+            # takes milliseconds and goes ahead.)
+            self.idle.wait()
         slot = self.slots.pick(entry.prefix)
         if not self.slots.acquire(slot):
             return  # tried again at the next pass
         try:
             if entry.forced or self.restore(entry, template, slot) != "restored":
-                entry.forced = False
                 self.evaluate(entry, template, slot)
         finally:
             self.slots.release(slot)
+
+    # Users first: the proxy reports every request, and a warmup gives way to them.
+
+    def user_started(self):
+        self.users += 1
+        self.idle.clear()
+        self.cancel_warmup()
+
+    def user_finished(self):
+        self.users -= 1
+        if self.users == 0:
+            self.idle.set()
+
+    def cancel_warmup(self):
+        """Shut the running evaluation's connection down, so llama-server stops it."""
+        if self.running is not None:
+            self.cancelled = True
+            # shutdown(), not close(): the warmer's greenlet is reading from it, and gets
+            # the end of the stream; closing under a reader raises in the caller.
+            self.running.raw.shutdown()
 
     def evaluate(self, entry, template, slot):
         entry.state = "warming"
         log.info("warming template %s in slot %d", entry.prefix, slot)
         started = time.monotonic()
+        self.cancelled = False
         try:
             head = self.rendered_head(template)
-            answer = self.upstream.call(
-                "POST",
-                "/completion",
-                {"prompt": head, "n_predict": 0, "id_slot": slot, "cache_prompt": True},
-                self.warmup_timeout,
-            )
+            # In pieces: llama-server notices a closed connection only between batches,
+            # so a user who arrives waits for one piece, not for the whole template.
+            evaluated = 0
+            for cut in _cuts(head, PIECE_CHARS):
+                if self.users:
+                    self.cancelled = True
+                    raise BackendError("warmup", "a user request arrived")
+                answer = self.evaluate_prefix(head[:cut], slot)
+                evaluated += answer.get("timings", {}).get("prompt_n", 0)
             tokens = int(answer["tokens_evaluated"])
-        except Exception as e:  # any failure must leave the template retryable
+        except Exception as e:
+            if self.cancelled:
+                entry.state = "stale"  # again when bioproxy is idle
+                self.metrics.warmup_cancellations.labels(entry.prefix).inc()
+                log.info("warming template %s gave way to a user request", entry.prefix)
+                return
+            # Any other failure leaves the template retryable, after a growing pause.
+            entry.failures += 1
+            entry.retry_at = time.monotonic() + min(self.interval * 2**entry.failures, 600)
             entry.state = "failed"
             entry.last_warmup = {"at": time.time(), "outcome": "failed", "error": str(e)}
             self.metrics.warmups.labels(entry.prefix, "failed").inc()
@@ -174,10 +221,11 @@ class Warmer:
             "at": time.time(),
             "outcome": "ok",
             "seconds": round(seconds, 3),
-            "tokens_evaluated": answer.get("timings", {}).get("prompt_n"),
+            "tokens_evaluated": evaluated,
         }
         self.metrics.warmups.labels(entry.prefix, "ok").inc()
         self.metrics.warmup_seconds.labels(entry.prefix).observe(seconds)
+        entry.forced, entry.failures = False, 0
         log.info("template %s warmed: %d tokens in %.2f s", entry.prefix, tokens, seconds)
         self.save(entry, template, slot, tokens)
         # After the save: what the slot last ran is then what bioproxy saw last.
@@ -225,6 +273,20 @@ class Warmer:
         log.info("template %s restored into slot %d: %d tokens", entry.prefix, slot, tokens)
         return "restored"
 
+    def evaluate_prefix(self, text, slot):
+        """Evaluate text into the slot (reusing what it holds); llama-server's final event."""
+        body = {"prompt": text, "n_predict": 0, "id_slot": slot, "cache_prompt": True}
+        # Streamed, so that shutting the connection down stops llama-server at once.
+        self.running = self.upstream.open(
+            "POST", "/completion", {**body, "stream": True}, self.warmup_timeout
+        )
+        try:
+            if self.users:
+                self.cancel_warmup()  # a user came while the call was being made
+            return _final_event(b"".join(iter_body(self.running)))
+        finally:
+            self.running = None
+
     def rendered_head(self, template):
         """The prompt text before the user's message, exactly as llama-server renders it."""
         messages = [{"role": "user", "content": template.render(SENTINEL)}]
@@ -233,3 +295,23 @@ class Warmer:
         if cut < 0:
             raise BackendError("POST /apply-template", "the chat template dropped the message")
         return prompt[:cut]
+
+
+def _final_event(body):
+    """The last `data:` event of a server-sent event stream, decoded."""
+    events = [line[6:] for line in body.splitlines() if line.startswith(b"data: {")]
+    if not events:
+        raise BackendError("POST /completion", "the stream held no event")
+    return json.loads(events[-1])
+
+
+def _cuts(text, size):
+    """Ends of growing prefixes of text, about size apart, at line ends when there are any."""
+    cuts, start = [], 0
+    while start + size < len(text):
+        end = text.find("\n", start + size)
+        if end < 0:
+            break
+        cuts.append(end + 1)
+        start = end + 1
+    return [*cuts, len(text)] if not cuts or cuts[-1] != len(text) else cuts

@@ -81,9 +81,16 @@ class FakeLlama:
         self.evaluated.append((slot, body["prompt"]))
         self._task(slot, body["prompt"])
         n = len(body["prompt"].split())
-        return self._json(
-            200, {"content": "", "tokens_evaluated": n, "timings": {"cache_n": 0, "prompt_n": n}}
-        )
+        answer = {
+            "content": "",
+            "stop": True,
+            "tokens_evaluated": n,
+            "timings": {"cache_n": 0, "prompt_n": n},
+        }
+        if body.get("stream"):
+            events = f"data: {json.dumps({'content': ''})}\n\ndata: {json.dumps(answer)}\n\n"
+            return 200, {"Content-Type": "text/event-stream"}, events
+        return self._json(200, answer)
 
     def action(self, request):
         slot = int(re.search(r"/slots/(\d+)", request.url).group(1))

@@ -324,3 +324,18 @@ def test_a_slot_held_too_long_sends_the_request_unpinned_and_cold(make_app, fold
     assert answer.status_code == 200
     assert answer.headers["X-Bioproxy-Cache"] == "cold"
     assert "id_slot" not in llama.chats[-1]
+
+
+def test_long_templates_are_evaluated_in_growing_pieces_cut_at_line_ends():
+    from bioproxy.warmup import _cuts
+
+    text = "".join(f"line {i:03d} of the template\n" for i in range(100))  # 2,600 chars
+
+    cuts = _cuts(text, 600)
+
+    assert cuts[-1] == len(text)
+    assert all(text[c - 1] == "\n" for c in cuts)
+    pieces = [b - a for a, b in zip([0, *cuts[:-2]], cuts[:-1], strict=True)]
+    assert len(pieces) == 3 and all(600 <= n <= 600 + 26 for n in pieces)
+    assert _cuts("short", 600) == [5]
+    assert _cuts("x" * 2000, 600) == [2000]  # no line end: one piece

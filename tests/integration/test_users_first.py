@@ -1,0 +1,100 @@
+"""A user request never waits for a warmup: the warmup gives way and comes back later."""
+
+import time
+
+import requests
+
+from tests.integration.conftest import start_llama
+from tests.integration.test_templates import wait_until
+from tests.servers import Bioproxy
+
+# About 3,000 tokens (of the 4,096 a slot has): ten seconds or more of evaluation.
+LONG = (
+    "".join(
+        f"Rule {i}: when the input holds item {i * 7 % 97}, keep the {i % 5 + 1} nearest "
+        f"records and log the count of rejected ones as rule_{i}_rejected.\n"
+        for i in range(80)
+    )
+    + "\n<{message}>"
+)
+
+
+def metric(proxy, name):
+    text = requests.get(proxy.admin_url + "/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def state(proxy):
+    answer = requests.get(proxy.admin_url + "/templates", timeout=5).json()
+    return answer["templates"][0]["state"]
+
+
+def first_token_seconds(url):
+    body = {
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 4,
+        "stream": True,
+    }
+    start = time.monotonic()
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if b'"content":"' in line:
+                return time.monotonic() - start
+    raise AssertionError("no token came")
+
+
+def test_a_user_request_during_a_long_warmup_is_served_at_once(tmp_path):
+    (tmp_path / "long.txt").write_text(LONG)
+    config = {"prefixes": {"@long": "long.txt"}, "warmup_check_interval": 0.5}
+    with (
+        start_llama(tmp_path / "llama", slots=2) as llama,
+        Bioproxy(llama.url, tmp_path, config, slot_save_path=llama.slot_save_path) as proxy,
+    ):
+        wait_until(lambda: state(proxy) == "warming", timeout=30, what="the warmup to start")
+        time.sleep(1)  # llama-server is well into the template now
+        assert state(proxy) == "warming"
+
+        waited = first_token_seconds(proxy.proxy_url)
+
+        # The warmup had more than ten seconds to go; the user waited far less.
+        assert waited < 3, waited
+        wait_until(
+            lambda: metric(proxy, "bioproxy_warmup_cancellations_total") >= 1,
+            what="the cancellation to be counted",
+        )
+        # Idle again, the warmup runs to its end.
+        wait_until(lambda: state(proxy) == "warm", timeout=120, what="the template to be warm")
+        assert metric(proxy, 'bioproxy_warmups_total{outcome="ok"') == 1
+        assert metric(proxy, 'bioproxy_warmups_total{outcome="failed"') == 0
+
+
+def test_no_warmup_starts_while_a_user_request_is_in_flight(tmp_path):
+    (tmp_path / "short.txt").write_text("Answer briefly.\n<{message}>")
+    config = {"prefixes": {"@short": "short.txt"}, "warmup_check_interval": 0.2}
+    with (
+        start_llama(tmp_path / "llama", slots=2) as llama,
+        Bioproxy(llama.url, tmp_path, config, slot_save_path=llama.slot_save_path) as proxy,
+    ):
+        wait_until(lambda: state(proxy) == "warm", what="the first warmup")
+        body = {
+            "messages": [{"role": "user", "content": "Tell a long story."}],
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with requests.post(
+            proxy.proxy_url + "/v1/chat/completions", json=body, stream=True, timeout=60
+        ) as stream:
+            chunks = stream.iter_content(chunk_size=None)
+            next(chunks)
+            requests.post(proxy.admin_url + "/templates/@short/warmup", timeout=5)
+            time.sleep(1)  # five watcher passes
+            assert state(proxy) == "stale"
+            assert metric(proxy, 'bioproxy_warmups_total{outcome="ok"') == 1
+            for _ in chunks:
+                pass
+        wait_until(
+            lambda: metric(proxy, 'bioproxy_warmups_total{outcome="ok"') == 2,
+            what="the warmup after the stream",
+        )
