@@ -29,7 +29,10 @@ def start_tracking():
     g.started = time.monotonic()
     state = current_app.extensions["bioproxy"]
     state.metrics.in_flight.inc()
-    state.warmer.user_started()
+    # Work for the model comes as POST; probes and listings (GET) do not hold warmups off.
+    g.user = request.method == "POST"
+    if g.user:
+        state.warmer.user_started()
 
 
 @bp.after_request
@@ -38,11 +41,12 @@ def track_until_closed(response):
     state = current_app.extensions["bioproxy"]
     metrics, warmer = state.metrics, state.warmer
     line = (request.remote_addr, request.method, request_target(request.environ))
-    status, started = response.status_code, g.started
+    status, started, user = response.status_code, g.started, g.user
 
     def done():
         metrics.in_flight.dec()
-        warmer.user_finished()
+        if user:
+            warmer.user_finished()
         duration_ms = (time.monotonic() - started) * 1000
         access_log.info("%s %s %s %d %.1fms", *line, status, duration_ms)
 

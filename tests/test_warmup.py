@@ -6,6 +6,7 @@ import pytest
 import requests
 import responses
 
+from tests.conftest import BACKEND
 from tests.fake_llama import END, SYSTEM, FakeLlama
 from tests.test_metrics import samples
 
@@ -339,3 +340,18 @@ def test_long_templates_are_evaluated_in_growing_pieces_cut_at_line_ends():
     assert len(pieces) == 3 and all(600 <= n <= 600 + 26 for n in pieces)
     assert _cuts("short", 600) == [5]
     assert _cuts("x" * 2000, 600) == [2000]  # no line end: one piece
+
+
+def test_only_work_for_the_model_holds_warmups_off(app, llama, client):
+    responses.get(f"{BACKEND}/health", json={"status": "ok"})
+    idle = warmer(app).idle
+
+    probe = client.get("/health")  # not closed yet: still in flight
+    assert idle.is_set()
+    probe.close()
+
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    answer = client.post("/v1/chat/completions", data=json.dumps(body))
+    assert not idle.is_set()
+    answer.close()
+    assert idle.is_set()
