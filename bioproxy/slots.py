@@ -43,7 +43,7 @@ class Slots:
         if restarted or self.model is None:
             self.held.clear()
         self.model, self.tasks = identity, tasks
-        self.count = len(slots)
+        self.count = int(props.get("total_slots") or len(slots))
         # Locks are kept across a change of slot count: a request may still hold one.
         for i in range(self.count):
             self.locks.setdefault(i, BoundedSemaphore())
