@@ -117,8 +117,7 @@ class Bench:
         return template.render(question)
 
     def listed(self):
-        answer = requests.get(self.proxy.admin_url + "/templates", timeout=10).json()
-        return {t["prefix"]: t for t in answer["templates"]}
+        return self.proxy.templates()
 
     def wait_warm(self, check=lambda listed: True):
         deadline = time.monotonic() + 600
@@ -196,10 +195,7 @@ class Bench:
         self.wait_for(lambda: self.listed()[prefix]["state"] == "warm")
 
     def restores(self, prefix):
-        text = requests.get(self.proxy.admin_url + "/metrics", timeout=10).text
-        wanted = f'bioproxy_slot_restores_total{{outcome="ok",template="{prefix}"}} '
-        lines = [line for line in text.splitlines() if line.startswith(wanted)]
-        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+        return self.proxy.metric("bioproxy_slot_restores_total", template=prefix, outcome="ok")
 
     @staticmethod
     def wait_for(check, timeout=120):

@@ -44,7 +44,7 @@ class Entry:
             "state": self.state,
             "error": self.error,
             "tokens": self.tokens,
-            "digest": self.template.digest if self.template else None,
+            "digest": digest,
             "saved_file": saved["file"] if saved else None,
             "last_warmup": self.last_warmup,
         }

@@ -9,6 +9,7 @@ import sys
 import time
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,6 +87,21 @@ class Bioproxy:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def templates(self):
+        """The admin port's /templates, by prefix."""
+        answer = requests.get(self.admin_url + "/templates", timeout=10).json()
+        return {t["prefix"]: t for t in answer["templates"]}
+
+    def metric(self, name, **labels):
+        """The sum of a metric's samples whose labels include the given ones (0 if none)."""
+        text = requests.get(self.admin_url + "/metrics", timeout=10).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
     def log(self):
         with open(self.log_path, errors="replace") as f:

@@ -64,8 +64,7 @@ class Setup:
         return templates.load(prefix, path, str(root), str(root / "templates"), 1 << 20)
 
     def listed(self):
-        answer = requests.get(self.bioproxy.admin_url + "/templates", timeout=5).json()
-        return {t["prefix"]: t for t in answer["templates"]}
+        return self.bioproxy.templates()
 
     def wait_warm(self, digest=None):
         def warm():
@@ -77,12 +76,7 @@ class Setup:
         wait_until(warm, what="templates warm")
 
     def metric(self, name, **labels):
-        text = requests.get(self.bioproxy.admin_url + "/metrics", timeout=5).text
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            if line.startswith(f"{name}{{{wanted}}} ") or line.startswith(f"{name} "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        return self.bioproxy.metric(name, **labels)
 
     def tokens(self, text):
         answer = requests.post(self.llama.url + "/tokenize", json={"content": text}, timeout=10)

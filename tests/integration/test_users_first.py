@@ -19,14 +19,9 @@ LONG = (
 )
 
 
-def metric(proxy, name):
-    text = requests.get(proxy.admin_url + "/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
 def state(proxy):
-    answer = requests.get(proxy.admin_url + "/templates", timeout=5).json()
-    return answer["templates"][0]["state"]
+    (template,) = proxy.templates().values()
+    return template["state"]
 
 
 def first_token_seconds(url):
@@ -60,13 +55,13 @@ def test_a_user_request_during_a_long_warmup_is_served_at_once(tmp_path):
         # The warmup had more than ten seconds to go; the user waited far less.
         assert waited < 3, waited
         wait_until(
-            lambda: metric(proxy, "bioproxy_warmup_cancellations_total") >= 1,
+            lambda: proxy.metric("bioproxy_warmup_cancellations_total") >= 1,
             what="the cancellation to be counted",
         )
         # Idle again, the warmup runs to its end.
         wait_until(lambda: state(proxy) == "warm", timeout=120, what="the template to be warm")
-        assert metric(proxy, 'bioproxy_warmups_total{outcome="ok"') == 1
-        assert metric(proxy, 'bioproxy_warmups_total{outcome="failed"') == 0
+        assert proxy.metric("bioproxy_warmups_total", outcome="ok") == 1
+        assert proxy.metric("bioproxy_warmups_total", outcome="failed") == 0
 
 
 def test_no_warmup_starts_while_a_user_request_is_in_flight(tmp_path):
@@ -91,10 +86,10 @@ def test_no_warmup_starts_while_a_user_request_is_in_flight(tmp_path):
             requests.post(proxy.admin_url + "/templates/@short/warmup", timeout=5)
             time.sleep(1)  # five watcher passes
             assert state(proxy) == "stale"
-            assert metric(proxy, 'bioproxy_warmups_total{outcome="ok"') == 1
+            assert proxy.metric("bioproxy_warmups_total", outcome="ok") == 1
             for _ in chunks:
                 pass
         wait_until(
-            lambda: metric(proxy, 'bioproxy_warmups_total{outcome="ok"') == 2,
+            lambda: proxy.metric("bioproxy_warmups_total", outcome="ok") == 2,
             what="the warmup after the stream",
         )
