@@ -55,5 +55,19 @@ def warmup(prefix):
     return response
 
 
+@bp.get("/status", host="admin")
+def status():
+    """What bioproxy is doing: llama-server's slots, the queue, the warmups."""
+    state = current_app.extensions["bioproxy"]
+    warmer = state.warmer
+    return jsonify(
+        {
+            "backend": state.upstream.base_url,
+            **warmer.scheduler.describe(),
+            "warmups": warmer.describe_warmups(),
+        }
+    )
+
+
 def describe(warmer, entry):
     return entry.describe(warmer.registry, warmer.slots.model)

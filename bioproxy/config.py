@@ -36,6 +36,12 @@ class Settings:
     state_dir: str = "~/.local/state/bioproxy"
     slot_save_path: str = ""  # llama-server's --slot-save-path, if on this machine
     slot_timeout: float = 30.0
+    # Scheduling: the queue for llama-server's slots, and how warmups give way to users.
+    queue_max_length: int = 64
+    queue_timeout: float = 120.0
+    warmup_only_when_idle: bool = True
+    warmup_concurrency: int = 1
+    warmup_piece_chars: int = 150
 
     @property
     def proxy_bind(self):
@@ -125,6 +131,13 @@ def load(overrides=None, environ=None):
 
 
 def _parse_env(name, text, kind):
+    if kind is bool:
+        word = text.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected {_describe(kind)}, got {text!r}")
     try:
         if kind is int:
             return int(text)
@@ -141,7 +154,7 @@ def _check(key, value, source):
     if key not in FIELDS:
         raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(FIELDS)})")
     kind = FIELDS[key].type
-    ok = isinstance(value, kind) and not isinstance(value, bool)
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok:
@@ -170,6 +183,10 @@ def _problem(key, value):
     positive = key.endswith(("_timeout", "_bytes")) or key == "warmup_check_interval"
     if positive and value <= 0:
         return "must be greater than 0"
+    if key == "queue_max_length" and value < 0:
+        return "must be 0 or more"
+    if key in ("warmup_concurrency", "warmup_piece_chars") and value < 1:
+        return "must be 1 or more"
     if key == "prefixes":
         for prefix, template in value.items():
             if not prefix or prefix != prefix.strip() or " " in prefix:
@@ -180,7 +197,13 @@ def _problem(key, value):
 
 
 def _describe(kind):
-    return {int: "an integer", float: "a number", str: "a string", dict: "a JSON object"}[kind]
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "a JSON object",
+        bool: "true or false",
+    }[kind]
 
 
 def _bind_address(host, port):

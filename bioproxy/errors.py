@@ -41,6 +41,33 @@ class TemplateBroken(BioproxyError):
     code = "template_broken"
 
 
+class ServerBusy(BioproxyError):
+    """No llama-server slot for the request now; the client may try again later."""
+
+    status = 503
+    type = "server_error"
+
+    def __init__(self, message, retry_after):
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, for the Retry-After header
+
+
+class QueueFull(ServerBusy):
+    code = "queue_full"
+
+
+class QueueTimeout(ServerBusy):
+    code = "queue_timeout"
+
+
+class ClientGone(BioproxyError):
+    """The client closed its connection while its request waited for a slot."""
+
+    status = 499  # nginx's "client closed request": only the access log sees it
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
 class UpstreamError(BioproxyError):
     """llama.cpp failed before its response started."""
 
@@ -84,7 +111,10 @@ def init_app(app):
 
     @app.errorhandler(BioproxyError)
     def handle_bioproxy_error(e):
-        return error_response(e.status, str(e), e.type, e.code)
+        response = error_response(e.status, str(e), e.type, e.code)
+        if isinstance(e, ServerBusy):
+            response.headers["Retry-After"] = str(e.retry_after)
+        return response
 
     @app.errorhandler(HTTPException)
     def handle_http_exception(e):

@@ -85,6 +85,36 @@ class Metrics:
             "Proxied requests whose response has not yet been fully sent.",
             registry=self.registry,
         )
+        self.queue_length = Gauge(
+            f"{PREFIX}_queue_length",
+            "User requests waiting for a llama-server slot.",
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds",
+            "Time a user request waited for its llama-server slot (0 when one was free).",
+            buckets=(0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.queue_rejections = Counter(
+            f"{PREFIX}_queue_rejections_total",
+            "User requests answered 503 without a slot, by reason: full (the queue was "
+            "at queue_max_length), timeout (waited queue_timeout).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.queue_abandoned = Counter(
+            f"{PREFIX}_queue_abandoned_total",
+            "User requests whose client disconnected while they waited for a slot.",
+            registry=self.registry,
+        )
+        self.slots = Gauge(
+            f"{PREFIX}_slots",
+            "llama-server slots by the template whose cache they hold (empty: none) and "
+            "state (busy, idle).",
+            ["template", "state"],
+            registry=self.registry,
+        )
         per_template = {"registry": self.registry}
         self.template_requests = Counter(
             f"{PREFIX}_template_requests_total",

@@ -2,10 +2,14 @@
 
 import logging
 import re
+import socket
 import time
 from urllib.parse import quote
 
+import gevent
 from flask import Blueprint, Response, current_app, g, request
+from gevent.event import Event
+from gevent.socket import wait_read
 
 from . import injection, templated
 from . import upstream as upstream_module
@@ -16,6 +20,8 @@ bp = Blueprint("proxy", __name__)
 access_log = logging.getLogger("bioproxy.access")
 
 SLOT_ACTION = re.compile(r"/slots/[^/]+")
+# The endpoints that evaluate a prompt in a slot (they take "id_slot").
+SLOTTED_PATHS = injection.CHAT_PATHS | injection.COMPLETION_PATHS | {"/infill"}
 
 
 class PassthroughResponse(Response):
@@ -77,9 +83,41 @@ def forward(path):
         return passthrough(answer, state.metrics, watch)
 
     match = injection.find(request.method, request.path, body, state.warmer.entries)
-    if match is not None:
-        return templated.forward(state, match, send)
+    if request.method == "POST" and request.path in SLOTTED_PATHS:
+        # Evaluates a prompt: it waits for a slot of its own.
+        watch = ClientWatch(request.environ)
+        return templated.forward(state, request.path, body, match, send, watch)
     return send(body)
+
+
+class ClientWatch:
+    """Notices a client closing its connection while its request waits for a slot.
+
+    Under gunicorn only (it needs the client's socket): a greenlet waits for the socket
+    to turn readable and peeks; no bytes means the client closed. Bytes (the client's
+    next request) mean it is still there, and the watch ends.
+    """
+
+    def __init__(self, environ):
+        self.socket = environ.get("gunicorn.socket")
+        self.gone = Event()
+        self.greenlet = None
+
+    def start(self):
+        if self.socket is not None and self.greenlet is None:
+            self.greenlet = gevent.spawn(self._watch)
+
+    def stop(self):
+        if self.greenlet is not None:
+            self.greenlet.kill()
+
+    def _watch(self):
+        try:
+            wait_read(self.socket.fileno())
+            if not self.socket.recv(1, socket.MSG_PEEK):
+                self.gone.set()
+        except OSError:
+            self.gone.set()
 
 
 def send_upstream(state, method, target, headers, body):

@@ -2,9 +2,6 @@
 
 import hashlib
 import logging
-import time
-
-from gevent.lock import BoundedSemaphore
 
 from .upstream import BackendError
 
@@ -26,9 +23,6 @@ class Slots:
         self.model = None  # identity of the loaded model, see model_identity()
         self.held = {}  # slot id -> (prefix, digest, id_task seen after bioproxy's use)
         self.tasks = {}  # slot id -> last id_task seen, to notice a restart
-        self.locks = {}  # slot id -> lock: one bioproxy request or warmup per slot
-        self.used = {}  # slot id -> when bioproxy last used it
-        self.finishing = set()  # slots whose request is done, only bookkeeping left
 
     def refresh(self):
         """Read /props and /slots; True when llama-server restarted or changed its model."""
@@ -44,10 +38,6 @@ class Slots:
             self.held.clear()
         self.model, self.tasks = identity, tasks
         self.count = int(props.get("total_slots") or len(slots))
-        # Locks are kept across a change of slot count: a request may still hold one.
-        for i in range(self.count):
-            self.locks.setdefault(i, BoundedSemaphore())
-            self.used.setdefault(i, 0.0)
         return restarted
 
     def holds(self, slot, prefix, digest):
@@ -82,31 +72,6 @@ class Slots:
 
     def forget(self, slot):
         self.held.pop(slot, None)
-
-    def pick(self, prefix):
-        """A slot for a template: a free one that holds it, else the least recently used.
-
-        A slot whose request has finished but whose bookkeeping is still being done
-        counts as free: waiting a millisecond beats restoring into another slot.
-        """
-        free = [i for i in range(self.count) if not self.locks[i].locked() or i in self.finishing]
-        candidates = free or list(range(self.count))
-        holding = [i for i in candidates if self.held.get(i, ("",))[0] == prefix]
-        return holding[0] if holding else min(candidates, key=self.used.__getitem__)
-
-    def acquire(self, slot):
-        """Take the slot once no other bioproxy request or warmup uses it; False on timeout.
-
-        Bounded, so a client that stops reading a stream cannot stall the others.
-        """
-        if not self.locks[slot].acquire(timeout=self.timeout):
-            log.warning("slot %d stayed busy for %g s", slot, self.timeout)
-            return False
-        self.used[slot] = time.monotonic()
-        return True
-
-    def release(self, slot):
-        self.locks[slot].release()
 
     def save(self, slot, filename):
         """Save the slot's cache to llama-server's slot folder; the tokens saved."""

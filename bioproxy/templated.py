@@ -1,11 +1,11 @@
-"""Serving a templated request: its slot, its cache, the expanded template, its timings."""
+"""Serving a request that uses a slot: its place in the queue, its slot, a template's cache."""
 
 import json
 import string
 from urllib.parse import quote
 
 from .errors import TemplateBroken
-from .upstream import BackendError
+from .scheduler import USER, Ticket
 
 TAIL_BYTES = 16 * 1024
 
@@ -36,27 +36,52 @@ class Tail:
         return timings if isinstance(timings, dict) else None
 
 
-def forward(state, match, send):
-    """Expand the template into the request, in a slot that holds its cache when it can.
+def forward(state, path, raw, match, send, watch=None):
+    """Forward a request that makes llama-server evaluate a prompt, in a slot bioproxy chose.
 
-    send(body, watch) forwards a body and returns the streaming response.
+    The request waits in the scheduler's queue for a slot and is pinned to it; a templated
+    one has its template expanded, in a slot that holds its cache when one can. raw is the
+    body as the client sent it, match the template found in it (or None). send(body, watch)
+    forwards a body and returns the streaming response.
     """
-    warmer, metrics = state.warmer, state.metrics
-    entry = warmer.entries[match.prefix]
-    template = entry.template
-    if template is None:
+    warmer = state.warmer
+    entry = warmer.entries[match.prefix] if match else None
+    if entry is not None and entry.template is None:
         raise TemplateBroken(
             f"template {entry.prefix} ({entry.path}) cannot be used: {entry.error}"
         )
-    # Only chat requests match the warmed cache; completions are expanded, not pinned.
-    slot, cache = take_slot(warmer, entry, template) if match.chat else (None, "cold")
-    tail = Tail()
+    body = match.body if match else _json_object(raw)
+    ticket = _ticket(warmer.slots, body, match)
+    if ticket is None:
+        # Not one bioproxy can place (llama-server is down, or the body is not for it):
+        # forwarded as it is, llama-server answers.
+        if match is None:
+            return send(raw)
+        return _templated(state, entry, match, send, None)
+    slot = warmer.scheduler.acquire(ticket, watch)
     try:
-        response = send(match.expand(template, slot), tail.watch)
+        if match is not None:
+            return _templated(state, entry, match, send, ticket)
+        response = send(_pin(raw, body, slot))
     except BaseException:
-        if slot is not None:
-            release_slot(warmer, entry, slot, template.digest, succeeded=False)
+        release(warmer, ticket)
         raise
+    response.call_on_close(lambda: release(warmer, ticket))
+    return response
+
+
+def _templated(state, entry, match, send, ticket):
+    """Expand the template into the request and forward it, in the ticket's slot if any."""
+    warmer, metrics = state.warmer, state.metrics
+    template = entry.template
+    slot = ticket.slot if ticket else None
+    cache = "cold"
+    if ticket is not None and ticket.template is not None:
+        # A slot that held the template still does unless another task ran there since.
+        held = warmer.slots.holds(slot, entry.prefix, template.digest)
+        cache = "slot" if held else warmer.restore(entry, template, slot)
+    tail = Tail()
+    response = send(match.expand(template, slot), tail.watch)
     metrics.template_requests.labels(entry.prefix, cache).inc()
     # Header values are latin-1: a prefix beyond ASCII goes percent-encoded.
     response.headers["X-Bioproxy-Template"] = quote(entry.prefix, safe=string.punctuation)
@@ -70,48 +95,60 @@ def forward(state, match, send):
                 metrics.tokens_reused.labels(entry.prefix).inc(reused)
                 metrics.tokens_evaluated.labels(entry.prefix).inc(evaluated)
         finally:
-            if slot is not None:
+            if ticket is not None:
                 ok = tail.complete and response.status_code == 200
-                release_slot(warmer, entry, slot, template.digest, succeeded=ok)
+                release(warmer, ticket, template.digest if ok else None)
 
     response.call_on_close(done)
     return response
 
 
-def take_slot(warmer, entry, template):
-    """A slot taken for a templated request, and its cache state: slot, restored, cold.
+def release(warmer, ticket, digest=None):
+    """After a request: its slot holds its template if given the digest it succeeded with.
 
-    Returns (None, "cold") when llama-server's slots are unknown (it is down) or no slot
-    came free within slot_timeout; the request then goes unpinned. A taken slot must be
-    given back with release_slot().
+    Any other request (plain, failed, cut off) leaves the slot holding nothing bioproxy
+    can use. The bookkeeping comes before the slot is handed on: it reads /slots, which
+    must not yet show the next task.
     """
-    slots = warmer.slots
-    if slots.count == 0:
-        try:
-            slots.refresh()
-        except BackendError:
-            return None, "cold"
-    slot = slots.pick(entry.prefix)
-    if not slots.acquire(slot):
-        return None, "cold"
+    slots, entry = warmer.slots, warmer.entries.get(ticket.template)
     try:
-        if slots.holds(slot, entry.prefix, template.digest):
-            return slot, "slot"
-        return slot, warmer.restore(entry, template, slot)
-    except BaseException:
-        slots.release(slot)
-        raise
-
-
-def release_slot(warmer, entry, slot, digest, succeeded):
-    """After a templated request: the slot now holds the template if it succeeded."""
-    slots = warmer.slots
-    slots.finishing.add(slot)
-    try:
-        if succeeded and entry.template is not None and entry.template.digest == digest:
-            slots.mark(slot, entry.prefix, digest)
+        if digest and entry is not None and entry.template and entry.template.digest == digest:
+            slots.mark(ticket.slot, entry.prefix, digest)
         else:
-            slots.forget(slot)
+            slots.forget(ticket.slot)
     finally:
-        slots.finishing.discard(slot)
-        slots.release(slot)
+        warmer.scheduler.release(ticket)
+
+
+def _ticket(slots, body, match):
+    """The scheduler Ticket for a request, or None when bioproxy cannot place it."""
+    if body is None:
+        return None
+    if slots.count == 0:
+        return None  # llama-server has not answered the warmer yet (it may be down)
+    wanted = body.get("id_slot", -1)
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted >= slots.count:
+        return None  # llama-server will say what is wrong with it
+    # Only chat requests match a warmed cache; templated completions are placed as plain.
+    template = match.prefix if match and match.chat else None
+    return Ticket(USER, template, wanted if wanted >= 0 else None)
+
+
+def _json_object(raw):
+    """The body parsed, if it is a JSON object; else None."""
+    try:
+        body = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _pin(raw, body, slot):
+    """The client's body pinned to a slot, its bytes otherwise untouched when it can be."""
+    if body.get("id_slot", -1) == slot:
+        return raw
+    text = raw.lstrip()
+    if "id_slot" in body or not text.startswith(b"{"):  # (or in UTF-16, or with a BOM)
+        return json.dumps({**body, "id_slot": slot}, ensure_ascii=False).encode()
+    rest = text[1:]  # after the object's "{"
+    return b'{"id_slot":%d%s' % (slot, b"" if rest.lstrip().startswith(b"}") else b",") + rest

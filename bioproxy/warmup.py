@@ -6,9 +6,11 @@ import time
 
 import gevent
 from gevent.event import Event
+from gevent.pool import Pool
 
 from . import config, templates
 from .registry import Registry, filename
+from .scheduler import WARMUP, Scheduler, Ticket
 from .slots import Slots
 from .upstream import BackendError, iter_body
 
@@ -16,8 +18,6 @@ log = logging.getLogger(__name__)
 
 # Stands in for the user's message when asking llama-server how it renders a template.
 SENTINEL = "\u2063bioproxy-message\u2063"
-# A template is evaluated in pieces of about this many characters (some 150 tokens).
-PIECE_CHARS = 600
 
 
 class Entry:
@@ -50,6 +50,24 @@ class Entry:
         }
 
 
+class Evaluation:
+    """A template being evaluated into a slot, piece by piece; a user request cancels it."""
+
+    def __init__(self, entry, slot):
+        self.entry = entry
+        self.slot = slot
+        self.response = None  # the upstream response of the piece under way
+        self.cancelled = False
+        self.started = time.monotonic()
+
+    def cancel(self):
+        self.cancelled = True
+        if self.response is not None:
+            # shutdown(), not close(): the warmer's greenlet is reading from it, and gets
+            # the end of the stream; closing under a reader raises in the caller.
+            self.response.raw.shutdown()
+
+
 class Warmer:
     """The templates, their saved caches and the slots that hold them."""
 
@@ -63,6 +81,12 @@ class Warmer:
         self.warmup_timeout = settings.upstream_timeout
         self.entries = {p: Entry(p, path) for p, path in settings.prefixes.items()}
         self.slots = Slots(upstream, settings.slot_timeout)
+        self.scheduler = Scheduler(
+            self.slots, settings.queue_max_length, settings.queue_timeout, metrics
+        )
+        self.only_when_idle = settings.warmup_only_when_idle
+        self.concurrency = settings.warmup_concurrency
+        self.piece_chars = settings.warmup_piece_chars
         slot_folder = settings.slot_save_path
         self.registry = Registry(
             config.resolve_path(settings.state_dir, base_dir),
@@ -72,8 +96,7 @@ class Warmer:
         self.users = 0  # user requests in flight
         self.idle = Event()  # set while there are none
         self.idle.set()
-        self.running = None  # the upstream response of the evaluation under way
-        self.cancelled = False
+        self.evaluations = set()  # Evaluations under way
         self.wake = Event()
         self.greenlet = None
         for prefix in list(self.registry.entries):
@@ -96,7 +119,8 @@ class Warmer:
                 self.check()
             except Exception:
                 log.exception("warmup pass failed")
-            self.wake.wait(self.interval)
+            # While llama-server is down, look again soon: requests go unscheduled until then.
+            self.wake.wait(min(self.interval, 1.0) if self.backend_was_down else self.interval)
             self.wake.clear()
 
     def request_warmup(self, prefix):
@@ -121,10 +145,41 @@ class Warmer:
                 if entry.template is not None:
                     entry.state = "stale"
         self.backend_was_down = False
-        for entry in self.entries.values():
-            due = entry.state != "failed" or time.monotonic() >= entry.retry_at
-            if entry.template is not None and entry.state in ("stale", "failed") and due:
-                self.warm(entry)
+        self.scheduler.dispatch()  # the slot count may have changed
+        pool = Pool(self.concurrency)
+        for entry in self.due():
+            pool.spawn(self.warm_logged, entry)
+        pool.join()
+
+    def describe_warmups(self):
+        """The evaluations under way and the templates waiting for a warmup."""
+        now = time.monotonic()
+        running = [
+            {
+                "template": run.entry.prefix,
+                "slot": run.slot,
+                "seconds": round(now - run.started, 3),
+            }
+            for run in self.evaluations
+        ]
+        busy = {run.entry.prefix for run in self.evaluations}
+        pending = [
+            {"template": e.prefix, "state": e.state, "retry_in": _remaining(e.retry_at, now)}
+            for e in self.entries.values()
+            if e.template is not None and e.state in ("stale", "failed") and e.prefix not in busy
+        ]
+        return {"running": running, "pending": pending, "users_in_flight": self.users}
+
+    def due(self):
+        """The templates that need a warmup now."""
+        now = time.monotonic()
+        return [
+            entry
+            for entry in self.entries.values()
+            if entry.template is not None
+            and entry.state in ("stale", "failed")
+            and (entry.state != "failed" or now >= entry.retry_at)
+        ]
 
     def reload(self):
         """Read every template again; one whose content changed becomes stale."""
@@ -147,22 +202,28 @@ class Warmer:
 
     # Warming, saving and restoring.
 
+    def warm_logged(self, entry):
+        try:
+            self.warm(entry)
+        except Exception:
+            log.exception("warming template %s failed", entry.prefix)
+
     def warm(self, entry):
         """Make a template's cache warm in a slot and saved: restore it, else evaluate it."""
         template = entry.template
         saved = self.registry.find(entry.prefix, template.digest, self.slots.model)
-        if entry.forced or saved is None:
+        if (entry.forced or saved is None) and self.only_when_idle:
             # Evaluating takes seconds and slows every slot: users first. (A restore
             # takes milliseconds and goes ahead.)
             self.idle.wait()
-        slot = self.slots.pick(entry.prefix)
-        if not self.slots.acquire(slot):
-            return  # tried again at the next pass
+        # Behind every user request in the queue.
+        ticket = Ticket(WARMUP, entry.prefix)
+        slot = self.scheduler.acquire(ticket)
         try:
             if entry.forced or self.restore(entry, template, slot) != "restored":
                 self.evaluate(entry, template, slot)
         finally:
-            self.slots.release(slot)
+            self.scheduler.release(ticket)
 
     # Users first: the proxy reports every request, and a warmup gives way to them.
 
@@ -177,32 +238,31 @@ class Warmer:
             self.idle.set()
 
     def cancel_warmup(self):
-        """Shut the running evaluation's connection down, so llama-server stops it."""
-        if self.running is not None:
-            self.cancelled = True
-            # shutdown(), not close(): the warmer's greenlet is reading from it, and gets
-            # the end of the stream; closing under a reader raises in the caller.
-            self.running.raw.shutdown()
+        """Shut the running evaluations' connections down, so llama-server stops them."""
+        if self.only_when_idle:
+            for evaluation in self.evaluations:
+                evaluation.cancel()
 
     def evaluate(self, entry, template, slot):
         entry.state = "warming"
         log.info("warming template %s in slot %d", entry.prefix, slot)
-        started = time.monotonic()
-        self.cancelled = False
+        run = Evaluation(entry, slot)
+        self.evaluations.add(run)
         try:
             head = self.rendered_head(template)
             # In pieces: llama-server notices a closed connection only between batches,
             # so a user who arrives waits for one piece, not for the whole template.
             evaluated = 0
-            for cut in _cuts(head, PIECE_CHARS):
-                if self.users:
-                    self.cancelled = True
+            for cut in _cuts(head, self.piece_chars):
+                if self.only_when_idle and self.users:
+                    run.cancel()
+                if run.cancelled:
                     raise BackendError("warmup", "a user request arrived")
-                answer = self.evaluate_prefix(head[:cut], slot)
+                answer = self.evaluate_prefix(head[:cut], run)
                 evaluated += answer.get("timings", {}).get("prompt_n", 0)
             tokens = int(answer["tokens_evaluated"])
         except Exception as e:
-            if self.cancelled:
+            if run.cancelled:
                 entry.state = "stale"  # again when bioproxy is idle
                 self.metrics.warmup_cancellations.labels(entry.prefix).inc()
                 log.info("warming template %s gave way to a user request", entry.prefix)
@@ -215,7 +275,9 @@ class Warmer:
             self.metrics.warmups.labels(entry.prefix, "failed").inc()
             log.warning("warming template %s failed: %s", entry.prefix, e)
             return
-        seconds = time.monotonic() - started
+        finally:
+            self.evaluations.discard(run)
+        seconds = time.monotonic() - run.started
         entry.tokens = tokens
         entry.last_warmup = {
             "at": time.time(),
@@ -273,19 +335,19 @@ class Warmer:
         log.info("template %s restored into slot %d: %d tokens", entry.prefix, slot, tokens)
         return "restored"
 
-    def evaluate_prefix(self, text, slot):
-        """Evaluate text into the slot (reusing what it holds); llama-server's final event."""
-        body = {"prompt": text, "n_predict": 0, "id_slot": slot, "cache_prompt": True}
+    def evaluate_prefix(self, text, run):
+        """Evaluate text into the run's slot, reusing what it holds; llama-server's last event."""
+        body = {"prompt": text, "n_predict": 0, "id_slot": run.slot, "cache_prompt": True}
         # Streamed, so that shutting the connection down stops llama-server at once.
-        self.running = self.upstream.open(
+        run.response = self.upstream.open(
             "POST", "/completion", {**body, "stream": True}, self.warmup_timeout
         )
         try:
-            if self.users:
-                self.cancel_warmup()  # a user came while the call was being made
-            return _final_event(b"".join(iter_body(self.running)))
+            if run.cancelled or (self.only_when_idle and self.users):
+                run.cancel()  # a user came while the call was being made
+            return _final_event(b"".join(iter_body(run.response)))
         finally:
-            self.running = None
+            run.response = None
 
     def rendered_head(self, template):
         """The prompt text before the user's message, exactly as llama-server renders it."""
@@ -295,6 +357,10 @@ class Warmer:
         if cut < 0:
             raise BackendError("POST /apply-template", "the chat template dropped the message")
         return prompt[:cut]
+
+
+def _remaining(at, now):
+    return round(at - now, 3) if at > now else 0
 
 
 def _final_event(body):

@@ -27,6 +27,7 @@ class FakeLlama:
         self.chats = []  # request bodies of chat completions
         self.busy = set()  # slots that GET /slots shows as processing
         self.extra_saved = 0  # tokens a save reports beyond what the slot holds
+        self.on_completion = None  # called with each /completion body before it is answered
 
     def install(self):
         responses.add_callback("GET", f"{BACKEND}/props", self.props)
@@ -78,6 +79,8 @@ class FakeLlama:
     def completion(self, request):
         body = json.loads(request.body)
         slot = body["id_slot"]
+        if self.on_completion is not None:
+            self.on_completion(body)
         self.evaluated.append((slot, body["prompt"]))
         self._task(slot, body["prompt"])
         n = len(body["prompt"].split())

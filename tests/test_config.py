@@ -61,6 +61,7 @@ def test_environment_beats_file_and_overrides_beat_environment(tmp_path):
         BIOPROXY_PROXY_PORT="9001",
         BIOPROXY_WARMUP_CHECK_INTERVAL="2.5",
         BIOPROXY_PREFIXES='{"@x": "x.txt"}',
+        BIOPROXY_WARMUP_ONLY_WHEN_IDLE="off",
     )
 
     settings = load({"backend_url": "http://b:2"}, environ=environ)
@@ -69,6 +70,7 @@ def test_environment_beats_file_and_overrides_beat_environment(tmp_path):
     assert settings.warmup_check_interval == 2.5
     assert settings.prefixes == {"@x": "x.txt"}
     assert settings.backend_url == "http://b:2"
+    assert settings.warmup_only_when_idle is False
 
 
 @pytest.mark.parametrize(
@@ -88,6 +90,10 @@ def test_environment_beats_file_and_overrides_beat_environment(tmp_path):
         ({"prefixes": {"@my code": "a.txt"}}, "prefix '@my code'"),
         ({"prefixes": {"@code": 3}}, "maps '@code' to 3"),
         ({"proxy_host": " "}, "proxy_host must not be empty"),
+        ({"warmup_only_when_idle": 1}, "warmup_only_when_idle must be true or false"),
+        ({"queue_max_length": -1}, "queue_max_length must be 0 or more"),
+        ({"queue_timeout": 0}, "queue_timeout must be greater than 0"),
+        ({"warmup_concurrency": 0}, "warmup_concurrency must be 1 or more"),
     ],
 )
 def test_bad_values_are_refused_with_a_message_naming_them(tmp_path, values, message):
@@ -111,6 +117,11 @@ def test_a_named_config_file_must_exist(tmp_path):
 def test_a_bad_environment_value_is_refused():
     with pytest.raises(ConfigError, match="BIOPROXY_ADMIN_PORT: expected an integer, got 'x'"):
         load(environ={"HOME": "/nonexistent", "BIOPROXY_ADMIN_PORT": "x"})
+
+
+def test_a_bad_boolean_in_the_environment_is_refused():
+    with pytest.raises(ConfigError, match="BIOPROXY_WARMUP_ONLY_WHEN_IDLE: expected true or false"):
+        load(environ={"HOME": "/nonexistent", "BIOPROXY_WARMUP_ONLY_WHEN_IDLE": "maybe"})
 
 
 def run_gunicorn_check(environ):

@@ -1,11 +1,14 @@
 """Warming, saving and restoring templates, against a fake llama-server."""
 
 import json
+from pathlib import Path
 
+import gevent
 import pytest
 import requests
 import responses
 
+from bioproxy.scheduler import USER, Ticket
 from tests.conftest import BACKEND
 from tests.fake_llama import END, SYSTEM, FakeLlama
 from tests.test_metrics import samples
@@ -314,17 +317,63 @@ def test_a_save_of_something_else_than_the_template_is_not_recorded(app, llama, 
     assert sample(admin, "bioproxy_slot_saves_total", template="@code", outcome="failed") == 1
 
 
-def test_a_slot_held_too_long_sends_the_request_unpinned_and_cold(make_app, folder, llama):
-    llama.tasks, llama.contents = {0: -1}, {0: ""}
-    app = make_app(prefixes={"@code": "code.txt"}, slot_timeout=0.2)
+def test_a_request_that_finds_no_free_slot_in_time_gets_a_503(make_app, folder, llama):
+    app = make_app(prefixes={"@code": "code.txt"}, queue_timeout=0.2)
     warmer(app).check()
-    assert warmer(app).slots.acquire(0)  # as a stream whose client stopped reading
+    scheduler = warmer(app).scheduler
+    held = [Ticket() for _ in range(2)]
+    for ticket in held:  # as streams whose clients stopped reading
+        scheduler.acquire(ticket)
 
     answer = ask(app.test_client(), "@code Why?")
 
+    assert answer.status_code == 503
+    assert answer.json["error"]["code"] == "queue_timeout"
+    assert 1 <= int(answer.headers["Retry-After"]) <= 60
+    assert len(llama.chats) == 0
+    scheduler.release(held[0])
+    assert ask(app.test_client(), "@code Why?").status_code == 200
+
+
+def test_plain_requests_are_pinned_to_a_slot_without_the_template(app, llama, client):
+    warmer(app).check()  # @code and @review warm, one in each slot
+    code_slot = llama.evaluated[0][0]
+    ask(client, "@code Why?")  # @code is now the hot one
+    raw = b'  {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}'
+
+    answer = client.post("/v1/chat/completions", data=raw)
+
     assert answer.status_code == 200
-    assert answer.headers["X-Bioproxy-Cache"] == "cold"
-    assert "id_slot" not in llama.chats[-1]
+    sent = [c.request for c in responses.calls if c.request.path_url == "/v1/chat/completions"]
+    assert sent[-1].body == b'{"id_slot":%d,' % (1 - code_slot) + raw.lstrip()[1:]
+    assert ask(client, "@code Again").headers["X-Bioproxy-Cache"] == "slot"
+
+
+def test_a_user_request_cancels_an_evaluation_which_resumes_when_idle(app, folder, llama, admin):
+    (folder / "code.txt").write_text("".join(f"rule {i}\n" for i in range(60)) + "<{message}>")
+    warmer(app).piece_chars = 100
+    pieces = []  # @code's
+
+    def a_user_arrives_during_the_second_piece(body):
+        if "rule" in body["prompt"]:
+            pieces.append(body["prompt"])
+        if len(pieces) == 2 and body["prompt"] == pieces[-1]:
+            warmer(app).user_started()
+
+    llama.on_completion = a_user_arrives_during_the_second_piece
+    checking = gevent.spawn(warmer(app).check)
+    gevent.sleep(0.05)  # @review's evaluation now waits for the user to finish
+
+    assert len(pieces) == 2  # no piece after the one under way
+    assert warmer(app).entries["@code"].state == "stale"
+    assert warmer(app).entries["@review"].state == "stale"
+    assert sample(admin, "bioproxy_warmup_cancellations_total", template="@code") == 1
+    warmer(app).user_finished()
+    checking.join(timeout=5)
+    assert warmer(app).entries["@review"].state == "warm"
+    warmer(app).check()
+    assert warmer(app).entries["@code"].state == "warm"
+    assert len(pieces) > 4 and pieces[-1].startswith(pieces[1])
 
 
 def test_long_templates_are_evaluated_in_growing_pieces_cut_at_line_ends():
@@ -355,3 +404,57 @@ def test_only_work_for_the_model_holds_warmups_off(app, llama, client):
     assert not idle.is_set()
     answer.close()
     assert idle.is_set()
+
+
+def test_status_shows_slots_with_their_templates_the_queue_and_pending_warmups(app, llama, admin):
+    warmer(app).check()
+    scheduler = warmer(app).scheduler
+    running = scheduler.submit(Ticket(USER, "@code"))
+    scheduler.submit(Ticket(USER))  # a plain request, in @review's slot
+    waiting = scheduler.submit(Ticket(USER))
+    (Path(warmer(app).base_dir) / "review.txt").write_text("Changed.\n<{message}>")
+    warmer(app).reload()
+
+    status = admin.get("/status").json
+
+    assert [(s["id"], s["template"], s["state"]) for s in status["slots"]] == [
+        (0, "@code", "busy"),
+        (1, "@review", "busy"),
+    ]
+    assert status["slots"][0]["task"]["template"] == "@code"
+    assert [(t["kind"], t["template"]) for t in status["queue"]] == [("request", None)]
+    (pending,) = status["warmups"]["pending"]
+    assert (pending["template"], pending["state"]) == ("@review", "stale")
+    assert sample(admin, "bioproxy_queue_length") == 1
+    assert sample(admin, "bioproxy_slots", template="@code", state="busy") == 1
+    scheduler.release(running)
+    assert waiting.slot == 0
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_warmups_run_one_at_a_time_unless_configured(make_app, folder, llama, concurrency):
+    app = make_app(
+        prefixes={"@code": "code.txt", "@review": "review.txt"}, warmup_concurrency=concurrency
+    )
+    seen = []
+
+    def yield_to_other_greenlets(body):
+        seen.append(len(warmer(app).evaluations))
+        gevent.sleep(0.01)
+
+    llama.on_completion = yield_to_other_greenlets
+    warmer(app).check()
+
+    assert max(seen) == concurrency
+    assert {e.state for e in warmer(app).entries.values()} == {"warm"}
+
+
+def test_warmups_can_be_allowed_while_users_are_in_flight(make_app, folder, llama):
+    app = make_app(prefixes={"@code": "code.txt"}, warmup_only_when_idle=False)
+    warmer(app).user_started()
+    llama.on_completion = lambda body: warmer(app).user_started()  # more users arrive
+
+    warmer(app).check()
+
+    assert warmer(app).entries["@code"].state == "warm"
+    assert warmer(app).evaluations == set()

@@ -1,0 +1,251 @@
+"""Who runs where: llama-server's slots handed to requests and warmups, and the queue.
+
+Every request that makes llama-server evaluate a prompt takes a slot here first and is
+pinned to it (`id_slot`), so bioproxy always knows what each slot holds and a restore
+never lands in a slot another request is using. When no slot is free the request waits
+in a bounded queue: users first in order of arrival, warmups after them.
+
+The bookkeeping (Scheduler.submit, release, expire, leave) is plain code driven by an
+injectable clock; Scheduler.acquire adds the waiting, with gevent.
+"""
+
+import itertools
+import math
+import time
+
+import gevent
+from gevent.event import Event
+
+from .errors import ClientGone, QueueFull, QueueTimeout
+
+USER, WARMUP = 0, 1  # priorities: a lower one is served first
+
+# Outcomes of a ticket.
+QUEUED, GRANTED, FULL, TIMEOUT, GONE, RELEASED = (
+    "queued",
+    "granted",
+    "full",
+    "timeout",
+    "gone",
+    "released",
+)
+
+
+class Ticket:
+    """One request's claim on a slot, from its arrival to the slot's release."""
+
+    def __init__(self, priority=USER, template=None, slot=None, label=None):
+        self.priority = priority
+        self.template = template  # the template prefix it needs, None for a plain request
+        self.wanted = slot  # the one slot it must have (the client named it), or None
+        self.label = label or ("warmup" if priority == WARMUP else "request")
+        self.outcome = QUEUED
+        self.slot = None  # the slot granted
+        self.arrived = None  # clock time of submit()
+        self.granted_at = None
+        self.order = None  # place in arrival order
+        self.event = Event()  # set when the ticket leaves the queue, whatever the outcome
+
+    def describe(self, now):
+        since = self.granted_at if self.outcome == GRANTED else self.arrived
+        return {
+            "kind": self.label,
+            "template": self.template,
+            "slot": self.slot if self.slot is not None else self.wanted,
+            "seconds": round(now - since, 3) if since is not None else None,
+        }
+
+
+class Scheduler:
+    """The slots bioproxy hands out, and the requests waiting for one.
+
+    slots is the Slots model: its count, and which template each slot holds.
+    """
+
+    def __init__(self, slots, max_queue, max_wait, metrics=None, clock=time.monotonic):
+        self.slots = slots
+        self.max_queue = max_queue  # user requests that may wait at once
+        self.max_wait = max_wait  # seconds a user request may wait
+        self.metrics = metrics
+        self.clock = clock
+        self.busy = {}  # slot -> the granted Ticket using it
+        self.used = {}  # slot -> clock time it was last granted
+        self.queue = []  # waiting Tickets, served by (priority, arrival)
+        self.arrivals = itertools.count()
+        self.hold_seconds = None  # moving average of how long a slot is held
+
+    # The bookkeeping.
+
+    def submit(self, ticket):
+        """Grant a slot now, queue the ticket, or refuse it (outcome FULL)."""
+        ticket.arrived = self.clock()
+        ticket.order = next(self.arrivals)
+        waiting = sum(1 for t in self.queue if t.priority == USER)
+        if ticket.priority == USER and waiting >= self.max_queue and not self._free():
+            self._finish(ticket, FULL)
+            return ticket
+        self.queue.append(ticket)
+        self.queue.sort(key=lambda t: (t.priority, t.order))
+        self.dispatch()
+        return ticket
+
+    def release(self, ticket):
+        """Give a granted ticket's slot back; the next waiting ticket may take it."""
+        if ticket.outcome != GRANTED:
+            return
+        if self.busy.get(ticket.slot) is ticket:
+            del self.busy[ticket.slot]
+        held = self.clock() - ticket.granted_at
+        average = self.hold_seconds
+        self.hold_seconds = held if average is None else 0.8 * average + 0.2 * held
+        ticket.outcome = RELEASED
+        self.dispatch()
+
+    def leave(self, ticket, outcome=GONE):
+        """Take a waiting ticket out of the queue (its client left, or it waited too long)."""
+        if ticket.outcome != QUEUED:
+            return
+        self.queue.remove(ticket)
+        self._finish(ticket, outcome)
+        self._update_gauges()
+
+    def expire(self):
+        """Refuse every user request that has waited longer than max_wait."""
+        now = self.clock()
+        for ticket in list(self.queue):
+            if ticket.priority == USER and now - ticket.arrived >= self.max_wait:
+                self.leave(ticket, TIMEOUT)
+
+    def dispatch(self):
+        """Grant free slots to waiting tickets, in order; called whenever either changes."""
+        for ticket in list(self.queue):
+            free = self._free()
+            if not free:
+                break
+            slot = self.choose(ticket, free)
+            if slot is not None:
+                self.queue.remove(ticket)
+                self._grant(ticket, slot)
+        self._update_gauges()
+
+    def choose(self, ticket, free):
+        """The free slot a ticket should take, or None if it must wait.
+
+        A slot holding the ticket's template; else the coldest: an empty slot first (plain
+        requests leave their slots "empty" for bioproxy), then the least recently used
+        template's.
+        """
+        if ticket.wanted is not None:
+            return ticket.wanted if ticket.wanted in free else None
+        if ticket.template is not None:
+            for slot in free:
+                if self.holding(slot) == ticket.template:
+                    return slot
+        return min(free, key=lambda s: (self.holding(s) is not None, self.used.get(s, 0.0), s))
+
+    def holding(self, slot):
+        """The template prefix a slot holds, as far as bioproxy knows, or None."""
+        held = self.slots.held.get(slot)
+        return held[0] if held else None
+
+    def _free(self):
+        return [s for s in range(self.slots.count) if s not in self.busy]
+
+    def _grant(self, ticket, slot):
+        now = self.clock()
+        ticket.slot, ticket.granted_at = slot, now
+        self.busy[slot] = ticket
+        self.used[slot] = now
+        self._finish(ticket, GRANTED)
+        if self.metrics is not None and ticket.priority == USER:
+            self.metrics.queue_wait.observe(now - ticket.arrived)
+
+    def _finish(self, ticket, outcome):
+        ticket.outcome = outcome
+        ticket.event.set()
+        if self.metrics is not None and outcome in (FULL, TIMEOUT):
+            self.metrics.queue_rejections.labels(outcome).inc()
+        elif self.metrics is not None and outcome == GONE and ticket.priority == USER:
+            self.metrics.queue_abandoned.inc()
+
+    def _update_gauges(self):
+        if self.metrics is None:
+            return
+        self.metrics.queue_length.set(sum(1 for t in self.queue if t.priority == USER))
+        occupancy = self.metrics.slots
+        occupancy.clear()
+        for slot in range(self.slots.count):
+            state = "busy" if slot in self.busy else "idle"
+            occupancy.labels(self.holding(slot) or "", state).inc()
+
+    def retry_after(self):
+        """Seconds a refused client should wait before trying again (1 to 60)."""
+        average = self.hold_seconds or 1.0
+        slots = max(self.slots.count, 1)
+        waiting = sum(1 for t in self.queue if t.priority == USER)
+        return max(1, min(60, math.ceil(average * (waiting + 1) / slots)))
+
+    # Waiting, with gevent.
+
+    def acquire(self, ticket, watch=None):
+        """Wait for the ticket's slot and return it.
+
+        Raises QueueFull or QueueTimeout for a user request that cannot have one, and
+        ClientGone when its client leaves while it waits: watch, if given, is started
+        once the ticket is queued and sets watch.gone then. Warmups wait as long as it
+        takes. The caller must release() the ticket once done with the slot.
+        """
+        self.submit(ticket)
+        gone = None
+        if watch is not None and ticket.outcome == QUEUED:
+            watch.start()
+            gone = watch.gone
+        try:
+            while ticket.outcome == QUEUED:
+                timeout = None
+                if ticket.priority == USER:
+                    timeout = ticket.arrived + self.max_wait - self.clock()
+                    if timeout <= 0:
+                        self.expire()
+                        continue
+                gevent.wait([ticket.event] + ([gone] if gone else []), timeout, count=1)
+                if gone is not None and gone.is_set():
+                    self.leave(ticket, GONE)
+        except BaseException:
+            # Killed while waiting: never leave a ticket queued, nor a slot taken.
+            self.leave(ticket, GONE)
+            self.release(ticket)
+            raise
+        finally:
+            if gone is not None:
+                watch.stop()
+        if ticket.outcome == GRANTED:
+            return ticket.slot
+        if ticket.outcome == FULL:
+            raise QueueFull(
+                f"all {self.slots.count} llama-server slots are busy and "
+                f"{self.max_queue} requests are already waiting",
+                self.retry_after(),
+            )
+        if ticket.outcome == TIMEOUT:
+            raise QueueTimeout(
+                f"no llama-server slot came free within queue_timeout ({self.max_wait:g} s)",
+                self.retry_after(),
+            )
+        raise ClientGone("the client closed its connection while waiting for a slot")
+
+    def describe(self):
+        """The slots and the queue, for /status."""
+        now = self.clock()
+        slots = []
+        for slot in range(self.slots.count):
+            ticket = self.busy.get(slot)
+            slots.append(
+                {
+                    "id": slot,
+                    "template": self.holding(slot),
+                    "state": "busy" if ticket else "idle",
+                    "task": ticket.describe(now) if ticket else None,
+                }
+            )
+        return {"slots": slots, "queue": [t.describe(now) for t in self.queue]}

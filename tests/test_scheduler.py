@@ -1,0 +1,273 @@
+"""The scheduler's bookkeeping with a controllable clock, and its waiting with gevent."""
+
+import gevent
+import pytest
+from gevent.event import Event
+
+from bioproxy.errors import ClientGone, QueueFull, QueueTimeout
+from bioproxy.scheduler import (
+    FULL,
+    GONE,
+    GRANTED,
+    QUEUED,
+    TIMEOUT,
+    USER,
+    WARMUP,
+    Scheduler,
+    Ticket,
+)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class Slots:
+    """The part of bioproxy.slots.Slots the scheduler reads."""
+
+    def __init__(self, count, held=None):
+        self.count = count
+        self.held = {slot: (prefix, "digest", 0) for slot, prefix in (held or {}).items()}
+
+
+def make(count=2, held=None, max_queue=4, max_wait=10.0):
+    return Scheduler(Slots(count, held), max_queue, max_wait, clock=Clock())
+
+
+def user(template=None, slot=None):
+    return Ticket(USER, template, slot)
+
+
+def test_a_free_slot_is_granted_at_once():
+    scheduler = make(count=1)
+
+    ticket = scheduler.submit(user())
+
+    assert (ticket.outcome, ticket.slot) == (GRANTED, 0)
+    assert ticket.event.is_set()
+
+
+def test_waiting_users_are_served_first_come_first_served_and_before_warmups():
+    scheduler = make(count=1)
+    running = scheduler.submit(user())
+    warmup = scheduler.submit(Ticket(WARMUP, "@a"))
+    first, second = scheduler.submit(user()), scheduler.submit(user())
+    assert [t.outcome for t in (warmup, first, second)] == [QUEUED] * 3
+
+    scheduler.release(running)
+    assert (first.outcome, second.outcome, warmup.outcome) == (GRANTED, QUEUED, QUEUED)
+    scheduler.release(first)
+    assert (second.outcome, warmup.outcome) == (GRANTED, QUEUED)
+    scheduler.release(second)
+    assert warmup.outcome == GRANTED
+
+
+def test_a_templated_request_goes_to_the_slot_holding_its_template():
+    scheduler = make(count=3, held={0: "@a", 2: "@b"})
+
+    assert scheduler.submit(user("@b")).slot == 2
+    assert scheduler.submit(user("@a")).slot == 0
+
+
+def test_without_its_template_a_request_evicts_an_empty_slot_first_then_the_coldest():
+    scheduler = make(count=3, held={0: "@a", 1: "@b"})
+    clock = scheduler.clock
+    for slot_template in ("@b", "@a"):  # @a used last: @b is the colder one
+        scheduler.release(scheduler.submit(user(slot_template)))
+        clock.now += 1
+
+    assert scheduler.submit(user("@c")).slot == 2  # the empty one
+    scheduler.slots.held[2] = ("@c", "digest", 0)
+    assert scheduler.submit(user("@d")).slot == 1  # @b's, least recently used
+
+
+def test_a_plain_request_leaves_hot_templates_alone_when_it_can():
+    scheduler = make(count=2, held={0: "@a", 1: "@b"})
+    clock = scheduler.clock
+    scheduler.release(scheduler.submit(user("@b")))
+    clock.now += 1
+    scheduler.release(scheduler.submit(user("@a")))
+
+    assert scheduler.submit(user()).slot == 1  # @b is colder than @a
+
+    scheduler = make(count=3, held={0: "@a", 1: "@b"})
+    assert scheduler.submit(user()).slot == 2  # an empty slot before any template
+
+
+def test_a_request_that_names_a_slot_waits_for_that_one_without_holding_others_up():
+    scheduler = make(count=2)
+    running = scheduler.submit(user(slot=0))
+    pinned = scheduler.submit(user(slot=0))
+    other = scheduler.submit(user())
+
+    assert (pinned.outcome, other.outcome, other.slot) == (QUEUED, GRANTED, 1)
+    scheduler.release(running)
+    assert (pinned.outcome, pinned.slot) == (GRANTED, 0)
+
+
+def test_a_full_queue_refuses_users_but_not_warmups():
+    scheduler = make(count=1, max_queue=2)
+    scheduler.submit(user())
+    waiting = [scheduler.submit(user()) for _ in range(2)]
+
+    refused = scheduler.submit(user())
+    warmup = scheduler.submit(Ticket(WARMUP, "@a"))
+
+    assert [t.outcome for t in waiting] == [QUEUED, QUEUED]
+    assert refused.outcome == FULL and refused.event.is_set()
+    assert warmup.outcome == QUEUED
+    assert len(scheduler.queue) == 3
+
+
+def test_a_queue_of_length_zero_serves_only_free_slots():
+    scheduler = make(count=1, max_queue=0)
+
+    assert scheduler.submit(user()).outcome == GRANTED
+    assert scheduler.submit(user()).outcome == FULL
+
+
+def test_users_that_waited_longer_than_max_wait_are_refused():
+    scheduler = make(count=1, max_wait=10)
+    scheduler.submit(user())
+    early = scheduler.submit(user())
+    scheduler.clock.now += 6
+    late = scheduler.submit(user())
+    warmup = scheduler.submit(Ticket(WARMUP, "@a"))
+
+    scheduler.clock.now += 4
+    scheduler.expire()
+
+    assert (early.outcome, late.outcome, warmup.outcome) == (TIMEOUT, QUEUED, QUEUED)
+    assert early.event.is_set() and early not in scheduler.queue
+
+
+def test_a_client_that_leaves_gives_its_place_to_the_next():
+    scheduler = make(count=1)
+    running = scheduler.submit(user())
+    gone, next_one = scheduler.submit(user()), scheduler.submit(user())
+
+    scheduler.leave(gone)
+    scheduler.release(running)
+
+    assert (gone.outcome, next_one.outcome) == (GONE, GRANTED)
+
+
+def test_a_slot_count_that_grows_serves_the_queue():
+    scheduler = make(count=1)
+    scheduler.submit(user())
+    waiting = scheduler.submit(user())
+
+    scheduler.slots.count = 2
+    scheduler.dispatch()
+
+    assert (waiting.outcome, waiting.slot) == (GRANTED, 1)
+
+
+def test_releasing_twice_frees_the_slot_once():
+    scheduler = make(count=1)
+    first = scheduler.submit(user())
+    scheduler.release(first)
+    second = scheduler.submit(user())
+
+    scheduler.release(first)
+
+    assert scheduler.busy == {0: second}
+
+
+def test_retry_after_grows_with_the_queue_and_the_time_slots_are_held():
+    scheduler = make(count=1, max_queue=10)
+    clock = scheduler.clock
+    running = scheduler.submit(user())
+    clock.now += 4
+    scheduler.release(running)  # slots are held some 4 s
+    scheduler.submit(user())
+
+    assert scheduler.retry_after() == 4
+    for _ in range(3):
+        scheduler.submit(user())
+    assert scheduler.retry_after() == 16
+
+
+# Waiting, with gevent and the real clock.
+
+
+class Watch:
+    def __init__(self):
+        self.gone = Event()
+        self.started = self.stopped = False
+
+    def start(self):
+        self.started = True
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_acquire_waits_until_a_slot_is_released():
+    scheduler = Scheduler(Slots(1), max_queue=4, max_wait=5)
+    running = Ticket()
+    scheduler.acquire(running)
+    waiter = gevent.spawn(scheduler.acquire, Ticket())
+    gevent.sleep(0.01)
+    assert not waiter.ready()
+
+    scheduler.release(running)
+
+    assert waiter.get(timeout=1) == 0
+
+
+def test_acquire_raises_503s_for_a_full_queue_and_a_long_wait():
+    scheduler = Scheduler(Slots(1), max_queue=1, max_wait=0.05)
+    scheduler.acquire(Ticket())
+    waiter = gevent.spawn(scheduler.acquire, Ticket())
+    gevent.sleep(0)
+
+    with pytest.raises(QueueFull) as full:
+        scheduler.acquire(Ticket())
+    with pytest.raises(QueueTimeout) as late:
+        waiter.get(timeout=1)
+
+    assert full.value.status == late.value.status == 503
+    assert full.value.retry_after >= 1
+    assert scheduler.queue == []
+
+
+def test_acquire_leaves_the_queue_at_once_when_the_client_goes():
+    scheduler = Scheduler(Slots(1), max_queue=4, max_wait=30)
+    scheduler.acquire(Ticket())
+    watch = Watch()
+    waiter = gevent.spawn(scheduler.acquire, Ticket(), watch)
+    gevent.sleep(0)
+    assert watch.started
+
+    watch.gone.set()
+
+    with pytest.raises(ClientGone):
+        waiter.get(timeout=1)
+    assert scheduler.queue == [] and watch.stopped
+
+
+def test_a_watch_is_not_started_when_a_slot_is_free():
+    scheduler = Scheduler(Slots(1), max_queue=4, max_wait=30)
+    watch = Watch()
+
+    assert scheduler.acquire(Ticket(), watch) == 0
+    assert not watch.started
+
+
+def test_a_waiter_killed_in_the_queue_leaves_it():
+    scheduler = Scheduler(Slots(1), max_queue=4, max_wait=30)
+    running = Ticket()
+    scheduler.acquire(running)
+    ticket = Ticket()
+    waiter = gevent.spawn(scheduler.acquire, ticket)
+    gevent.sleep(0)
+
+    waiter.kill()
+    scheduler.release(running)
+
+    assert ticket.outcome == GONE and scheduler.busy == {}
