@@ -222,7 +222,7 @@ class DuringWarmup:
                     return proxy.templates()["@long"]["state"]
 
                 wait_for(lambda: state() == "warm")
-                idle = [self.user(proxy.proxy_url) for _ in range(self.samples)]
+                idle = [self.user(proxy.proxy_url, pause=0.5) for _ in range(self.samples)]
                 busy, warmups = [], []
                 for _ in range(self.samples):
                     self.edit()
@@ -237,7 +237,7 @@ class DuringWarmup:
     def llama_alone(self):
         """llama-server alone: the template evaluated in slot 1 while the user uses slot 0."""
         with llama_server(self.folder, "alone") as llama:
-            idle = [self.user(llama.url, id_slot=0) for _ in range(self.samples)]
+            idle = [self.user(llama.url, pause=0.5, id_slot=0) for _ in range(self.samples)]
             busy = []
             for _ in range(self.samples):
                 self.edit()
@@ -256,7 +256,13 @@ class DuringWarmup:
             return idle, busy, seconds
 
     @staticmethod
-    def user(url, **extra):
+    def user(url, pause=0.0, **extra):
+        """Time to the first token of a short request (after a pause, to let the last one end).
+
+        The client hangs up at the first token; llama-server generates on until bioproxy's
+        next write fails, so a request sent at once would find that slot still busy.
+        """
+        time.sleep(pause)
         body = {
             "messages": [{"role": "user", "content": "Say hi."}],
             "max_tokens": 4,
@@ -278,78 +284,81 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests-per-client", type=int, default=5)
     parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--pieces", default="600,150,40", help="warmup_piece_chars to compare")
+    parser.add_argument("--part", choices=["all", "mixed", "warmup"], default="all")
     args = parser.parse_args()
     lines = [f"Machine: {machine()}", ""]
     with tempfile.TemporaryDirectory(prefix="bioproxy-bench-") as folder:
-        mixed = Mixed(folder, args.requests_per_client)
-        header = [
-            "path",
-            "requests",
-            "errors",
-            "TTFT p50 ms",
-            "TTFT p95 ms",
-            "prompt tokens (requests)",
-            "prompt tokens (llama-server, all)",
-            "requests/min",
-        ]
-        for name, cache_ram in (("default", None), (f"{SMALL_CACHE_RAM} MiB", SMALL_CACHE_RAM)):
-            direct = mixed.direct(cache_ram)
-            through = mixed.bioproxy(cache_ram)
-            p95 = [
-                percentile([r[1] for r in run[0] if r[1] is not None], 95)
-                for run in (direct, through)
-            ]
-            lines += [
-                f"Mixed workload, --cache-ram {name}: {CLIENTS} clients, "
-                f"{sum(map(len, mixed.schedule))} requests, 4 templates, 2 slots",
-                "",
-                table(
-                    header,
-                    [
-                        mixed_rows("llama-server alone", *direct),
-                        mixed_rows("through bioproxy", *through),
-                    ],
-                ),
-                "",
-                f"p95 through bioproxy / alone: {p95[1] / p95[0]:.2f}",
-                "",
-            ]
-            print("\n".join(lines[-8:]), flush=True)
-
-        during = DuringWarmup(folder, args.samples)
-        rows = []
-        for label, (idle, busy, warmup) in [
-            ("bioproxy, pieces of 600 chars", during.through_bioproxy(600)),
-            ("bioproxy, pieces of 150 chars", during.through_bioproxy(150)),
-            ("llama-server alone, other slot", during.llama_alone()),
-        ]:
-            idle_ms = statistics.median(idle) * 1e3
-            busy_ms = [v * 1e3 for v in busy]
-            rows.append(
-                [
-                    label,
-                    f"{idle_ms:.0f}",
-                    f"{statistics.median(busy_ms):.0f}",
-                    f"{max(busy_ms):.0f}",
-                    f"{statistics.median(busy_ms) / idle_ms:.1f}",
-                    f"{warmup:.1f}",
-                ]
-            )
-        header = [
-            "case",
-            "idle TTFT ms",
-            "during warmup p50 ms",
-            "max ms",
-            "p50 / idle",
-            "warmup s",
-        ]
-        lines += [
-            f"A user arriving during a warmup ({args.samples} samples each, random moments):",
-            "",
-            table(header, rows),
-            "",
-        ]
+        if args.part != "warmup":
+            lines += run_mixed(Mixed(folder, args.requests_per_client))
+        if args.part != "mixed":
+            pieces = [int(p) for p in args.pieces.split(",")]
+            lines += run_during_warmup(DuringWarmup(folder, args.samples), pieces)
     print("\n".join(lines))
+
+
+def run_mixed(mixed):
+    header = [
+        "path",
+        "requests",
+        "errors",
+        "TTFT p50 ms",
+        "TTFT p95 ms",
+        "prompt tokens (requests)",
+        "prompt tokens (llama-server, all)",
+        "requests/min",
+    ]
+    lines = []
+    for name, cache_ram in (("default", None), (f"{SMALL_CACHE_RAM} MiB", SMALL_CACHE_RAM)):
+        direct = mixed.direct(cache_ram)
+        through = mixed.bioproxy(cache_ram)
+        p95 = [
+            percentile([r[1] for r in run[0] if r[1] is not None], 95) for run in (direct, through)
+        ]
+        block = [
+            f"Mixed workload, --cache-ram {name}: {CLIENTS} clients, "
+            f"{sum(map(len, mixed.schedule))} requests, 4 templates, 2 slots",
+            "",
+            table(
+                header,
+                [
+                    mixed_rows("llama-server alone", *direct),
+                    mixed_rows("through bioproxy", *through),
+                ],
+            ),
+            "",
+            f"p95 through bioproxy / alone: {p95[1] / p95[0]:.2f}",
+            "",
+        ]
+        print("\n".join(block), flush=True)
+        lines += block
+    return lines
+
+
+def run_during_warmup(during, pieces):
+    cases = [(f"bioproxy, pieces of {n} chars", during.through_bioproxy(n)) for n in pieces]
+    cases.append(("llama-server alone, other slot", during.llama_alone()))
+    rows = []
+    for label, (idle, busy, warmup) in cases:
+        idle_ms = statistics.median(idle) * 1e3
+        busy_ms = [v * 1e3 for v in busy]
+        rows.append(
+            [
+                label,
+                f"{idle_ms:.0f}",
+                f"{statistics.median(busy_ms):.0f}",
+                f"{max(busy_ms):.0f}",
+                f"{statistics.median(busy_ms) / idle_ms:.1f}",
+                f"{warmup:.1f}",
+            ]
+        )
+    header = ["case", "idle TTFT ms", "during warmup p50 ms", "max ms", "p50 / idle", "warmup s"]
+    return [
+        f"A user arriving during a warmup ({during.samples} samples each, random moments):",
+        "",
+        table(header, rows),
+        "",
+    ]
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The scheduler's bookkeeping with a controllable clock, and its waiting with gevent."""
 
+import random
+
 import gevent
 import pytest
 from gevent.event import Event
@@ -271,3 +273,36 @@ def test_a_waiter_killed_in_the_queue_leaves_it():
     scheduler.release(running)
 
     assert ticket.outcome == GONE and scheduler.busy == {}
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 8])
+def test_random_traffic_never_shares_a_slot_and_serves_in_order(count):
+    rng = random.Random(count)
+    templates_ = ["@a", "@b", "@c", None]
+    scheduler = make(count=count, max_queue=20, max_wait=5)
+    granted, served = [], []
+    for _ in range(2000):
+        scheduler.clock.now += rng.random()
+        roll = rng.random()
+        if roll < 0.45:
+            kind = WARMUP if rng.random() < 0.1 else USER
+            scheduler.submit(Ticket(kind, rng.choice(templates_)))
+        elif roll < 0.85 and granted:
+            scheduler.release(granted.pop(rng.randrange(len(granted))))
+        elif roll < 0.9 and scheduler.queue:
+            scheduler.leave(rng.choice(scheduler.queue))
+        scheduler.expire()  # as the waiters' own timers do
+        now_granted = [t for t in scheduler.busy.values() if t not in granted]
+        granted += now_granted
+        served += now_granted
+
+        slots = [t.slot for t in granted]
+        assert len(slots) == len(set(slots)) and all(0 <= s < count for s in slots)
+        assert set(scheduler.busy.values()) == set(granted)
+        if scheduler.queue:  # nobody waits while a slot is free
+            assert len(scheduler.busy) == count
+        waiting_users = [t for t in scheduler.queue if t.priority == USER]
+        assert len(waiting_users) <= 20
+        assert all(scheduler.clock.now - t.arrived < 5 for t in waiting_users)
+    users = [t for t in served if t.priority == USER]
+    assert [t.order for t in users] == sorted(t.order for t in users)  # first come, first served

@@ -182,3 +182,43 @@ def test_a_request_that_waits_too_long_gets_a_503_not_a_hang(tmp_path):
         assert outcome["answer"].status_code == 503
         assert outcome["answer"].json()["error"]["code"] == "queue_timeout"
         busy.close()
+
+
+def test_eight_slots_serve_concurrent_templated_and_plain_requests(tmp_path):
+    for prefix, topic in TOPICS.items():
+        (tmp_path / f"{prefix[1:]}.txt").write_text(template_text(topic))
+    config = {
+        "prefixes": {prefix: f"{prefix[1:]}.txt" for prefix in TOPICS},
+        "warmup_check_interval": 0.5,
+    }
+    with (
+        start_llama(tmp_path / "llama", slots=8) as llama,
+        Bioproxy(llama.url, tmp_path, config, slot_save_path=llama.slot_save_path) as proxy,
+    ):
+        wait_until(
+            lambda: all(t["state"] == "warm" for t in proxy.templates().values()),
+            timeout=120,
+            what="three templates warm",
+        )
+        contents = [f"{prefix} Question {i}?" for i in range(4) for prefix in TOPICS]
+        contents += [f"Plain question {i}?" for i in range(4)]
+
+        def send(content):
+            return requests.post(
+                proxy.proxy_url + "/v1/chat/completions",
+                json=chat(content, max_tokens=8),
+                timeout=120,
+            )
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(send, contents))
+
+        assert [a.status_code for a in answers] == [200] * len(contents)
+        for content, answer in zip(contents, answers, strict=True):
+            if content.startswith("@"):
+                assert answer.headers["X-Bioproxy-Cache"] in ("slot", "restored"), content
+                assert answer.json()["timings"]["cache_n"] > 200, content
+        slots = status(proxy)["slots"]
+        assert [s["id"] for s in slots] == list(range(8))
+        assert {s["state"] for s in slots} == {"idle"}
+        assert proxy.metric("bioproxy_slots") == 8
