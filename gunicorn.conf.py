@@ -5,6 +5,7 @@ environment), so gunicorn and the app always agree on which port is the admin po
 """
 
 import logging
+import os
 import socket
 import sys
 
@@ -19,17 +20,23 @@ except _config.ConfigError as _e:
 # Listeners: the proxy first, then the admin port.
 bind = [_settings.proxy_bind, _settings.admin_bind]
 
-# Workers: one gevent worker. Slot state, the warmup queue and the metrics live
-# in this one process; gevent gives it thousands of concurrent connections.
+# Workers: exactly one gevent worker, by design. bioproxy's model of llama-server's slots,
+# its queue, its warmups and its metrics live in that one process: a second worker would
+# hand out the same slots a second time (requests evicting each other's templates, a
+# restore landing in a slot another worker uses) and report half the metrics. gevent
+# gives the one worker thousands of concurrent connections, and the work itself happens
+# in llama-server. on_starting() below refuses any other setting.
 workers = 1
 worker_class = "gevent"
 worker_connections = 1000
 preload_app = False
 
 # Timeouts: with gevent, `timeout` is only the worker heartbeat; long generations
-# are bounded by bioproxy's upstream_timeout instead.
+# are bounded by bioproxy's upstream_timeout instead. On SIGTERM (and for the old worker
+# on SIGHUP) streams in flight get graceful_timeout seconds to finish; a service manager
+# must wait longer than that before it kills (deploy/systemd waits 75 s).
 timeout = 30
-graceful_timeout = 30
+graceful_timeout = 60
 keepalive = 5
 
 # Logging: to stderr, where a service manager collects it. bioproxy writes its own
@@ -41,6 +48,28 @@ loglevel = "info"
 # gunicorn's control socket has one default path per user, so two servers on a machine
 # would contend for it; bioproxy's admin port is its control surface instead.
 control_socket_disable = True
+
+
+def on_starting(server):
+    """Refuse a configuration that would run bioproxy half-working."""
+    problems = []
+    if server.cfg.workers != 1:
+        problems.append(f"workers = {server.cfg.workers}")
+    if server.cfg.worker_class_str != "gevent":
+        problems.append(f"worker_class = {server.cfg.worker_class_str!r}")
+    if problems:
+        sys.exit(
+            f"bioproxy: runs with exactly one gevent worker (its slot model and queue live in "
+            f"that one process), got {' and '.join(problems)}: remove -w / -k from the command"
+        )
+
+
+def when_ready(server):
+    """Listening: the `bioproxy` command prints its banner now."""
+    if os.environ.get("BIOPROXY_BANNER"):
+        from bioproxy.banner import banner
+
+        print(banner(_settings), flush=True)
 
 
 def post_worker_init(worker):
@@ -55,12 +84,26 @@ def post_worker_init(worker):
     logger.handlers = worker.log.error_log.handlers
     logger.setLevel(worker.log.error_log.level)
     logger.propagate = False
-    # The greenlet that watches the templates and keeps them warm.
-    worker.wsgi.extensions["bioproxy"].warmer.start()
+    # The greenlet that watches the templates and keeps them warm, stopped as soon as the
+    # worker is told to go (SIGTERM, or a reload): it must not start work it cannot finish,
+    # nor overlap with the next worker's warmups.
+    import gevent
+
+    warmer = worker.wsgi.extensions["bioproxy"].warmer
+    warmer.start()
+
+    def stop_warmer_when_told():
+        while worker.alive:
+            gevent.sleep(0.2)
+        warmer.stop()
+
+    gevent.spawn(stop_warmer_when_told)
 
 
 def worker_exit(server, worker):
-    """Stop the warmer before the worker goes."""
+    """After the last request: stop the warmer (if not yet) and close llama.cpp connections."""
     app = getattr(worker, "wsgi", None)
     if app is not None:
-        app.extensions["bioproxy"].warmer.stop()
+        state = app.extensions["bioproxy"]
+        state.warmer.stop()
+        state.upstream.close()

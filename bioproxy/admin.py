@@ -1,8 +1,9 @@
 """The admin port: bioproxy's own health and Prometheus metrics."""
 
 import time
+from importlib import resources
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import NotFound
 
@@ -11,10 +12,31 @@ from .metrics import do_not_track
 bp = Blueprint("admin", __name__)
 bp.before_request(do_not_track)
 
+# The status page: one self-contained file that reads the JSON endpoints below.
+STATUS_PAGE = resources.files(__package__).joinpath("status_page.html").read_bytes()
+# The browser may run its inline script and style and ask this port, nothing else.
+STATUS_PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'"
+)
+
+
+@bp.get("/", host="admin")
+def status_page():
+    """A page for people: health, templates, slots, queue, warmups, refreshed every 2 s."""
+    response = Response(STATUS_PAGE, content_type="text/html; charset=utf-8")
+    response.headers["Content-Security-Policy"] = STATUS_PAGE_POLICY
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
 
 @bp.get("/health", host="admin")
 def health():
-    """bioproxy's status: 200 when llama.cpp answers, 503 while it is down or loading."""
+    """bioproxy's status: 200 when llama.cpp answers, 503 while it is down or loading.
+
+    With ?always_200 the answer is 200 whatever llama.cpp's state, for the status page:
+    browsers log every 5xx answer to a fetch() as an error in their console.
+    """
     state = current_app.extensions["bioproxy"]
     backend, detail = state.upstream.health()
     body = {
@@ -25,7 +47,7 @@ def health():
     if detail:
         body["backend"]["detail"] = detail
     response = jsonify(body)
-    response.status_code = 200 if backend == "ok" else 503
+    response.status_code = 200 if backend == "ok" or "always_200" in request.args else 503
     return response
 
 
@@ -65,6 +87,7 @@ def status():
             "backend": state.upstream.base_url,
             **warmer.scheduler.describe(),
             "warmups": warmer.describe_warmups(),
+            "ttft": state.metrics.recent_first_tokens.buckets(),
         }
     )
 

@@ -66,42 +66,107 @@ def start_local_backend(settings):
     return server
 
 
-def banner(settings):
-    proxy = f"http://{settings.proxy_bind}"
-    admin = f"http://{settings.admin_bind}"
-    lines = [
-        "🚀 Starting bioproxy - llama.cpp reverse proxy with KV cache warmup",
-        "",
-        "Configuration:",
-        f"  Proxy listening on: {proxy}",
-        f"  Backend llama.cpp:  {settings.backend_url}",
-        f"  Admin:              {admin}",
-        f"  Warmup interval:    {settings.warmup_check_interval:g} s",
-        f"  Templates:          {len(settings.prefixes)}",
-    ]
-    lines += [f"    {prefix} -> {path}" for prefix, path in sorted(settings.prefixes.items())]
-    lines += [
-        "",
-        "Try these commands:",
-        f"  curl {proxy}/health",
-        f"  curl {proxy}/v1/models",
-        f"  curl {admin}/health",
-        f"  curl {admin}/metrics",
-        "",
-        "Press Ctrl+C to stop...",
-    ]
-    return "\n".join(lines)
+# Flags of the original bioproxy, and the config key each sets.
+FLAGS = {
+    "host": "proxy_host",
+    "port": "proxy_port",
+    "admin_host": "admin_host",
+    "admin_port": "admin_port",
+    "backend": "backend_url",
+}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="bioproxy", description=__doc__)
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="bioproxy",
+        description="A reverse proxy for llama.cpp's llama-server that keeps templated "
+        "prompts warm. Runs gunicorn with bioproxy's settings; with no backend configured "
+        "it first starts a local llama-server with the bundled model.",
+        epilog="Every config key can also be set with an environment variable "
+        "BIOPROXY_<KEY>; flags win over both.",
+    )
+    # Single-dash long flags as the original had; the double-dash forms work too.
+    parser.add_argument("-config", "--config", metavar="PATH", help="config file (JSON)")
+    parser.add_argument("-host", "--host", help="address the proxy listens on (proxy_host)")
+    parser.add_argument("-port", "--port", type=int, help="proxy port (proxy_port)")
+    parser.add_argument("-admin-host", "--admin-host", help="admin address (admin_host)")
+    parser.add_argument("-admin-port", "--admin-port", type=int, help="admin port (admin_port)")
+    parser.add_argument("-backend", "--backend", metavar="URL", help="llama-server's URL")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="read the configuration and the templates, say what is wrong, and exit",
+    )
     parser.add_argument(
         "--no-local-backend",
         action="store_true",
         help="never start a local llama-server, even when no backend is configured",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def apply_flags(args, environ):
+    """Flags become BIOPROXY_* variables, which gunicorn and the app read."""
+    if args.config:
+        environ["BIOPROXY_CONFIG"] = os.path.abspath(os.path.expanduser(args.config))
+    for flag, key in FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            environ[config.env_name(key)] = str(value)
+
+
+def check_config(environ):
+    """Print what the configuration and its templates hold; 0 when all are usable."""
+    from . import templates
+
+    try:
+        settings = config.load(environ=environ)
+    except config.ConfigError as e:
+        print(f"bioproxy: configuration error: {e}")
+        return 1
+    path = config.config_path(environ)
+    base = config.base_dir(environ)
+    print(f"config file: {path}" + ("" if os.path.isfile(path) else " (absent: defaults)"))
+    print(
+        f"proxy {settings.proxy_bind}, admin {settings.admin_bind}, backend {settings.backend_url}"
+    )
+    root = config.resolve_path(settings.template_root, base)
+    broken = 0
+    for prefix, file in sorted(settings.prefixes.items()):
+        try:
+            template = templates.load(prefix, file, base, root, settings.max_template_bytes)
+        except templates.TemplateError as e:
+            broken += 1
+            print(f"  {prefix}: BROKEN: {e}")
+            continue
+        size = sum(map(len, template.pieces))
+        print(f"  {prefix}: {file}, {size:,} characters, {len(template.files)} file(s), ok")
+    if broken:
+        print(f"bioproxy: {broken} template(s) cannot be used")
+        return 1
+    print("configuration ok")
+    return 0
+
+
+def gunicorn_command():
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-c",
+        os.path.join(ROOT, "gunicorn.conf.py"),
+        "--pythonpath",
+        ROOT,
+        "wsgi:app",
+    ]
+
+
+def main(argv=None):
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    apply_flags(args, os.environ)
+    if args.check_config:
+        return check_config(os.environ)
     use_examples_without_config(os.environ)
     try:
         settings = config.load()
@@ -109,7 +174,8 @@ def main(argv=None):
     except config.ConfigError as e:
         sys.exit(f"bioproxy: configuration error: {e}")
 
-    backend = None
+    # gunicorn's master prints the banner once it listens (gunicorn.conf.py, when_ready).
+    os.environ["BIOPROXY_BANNER"] = "1"
     if local and answers(settings.backend_url):
         print(f"Using the llama-server that already answers at {settings.backend_url}")
     elif local:
@@ -117,22 +183,26 @@ def main(argv=None):
             backend = start_local_backend(settings)
         except llamacpp.LlamaServerError as e:
             sys.exit(f"bioproxy: {e}")
-    print(banner(settings), flush=True)
+        return run_beside(backend)
+    # Nothing of ours to stop afterwards: gunicorn takes this process over, so a service
+    # manager's signals (SIGTERM, SIGHUP) reach gunicorn's master directly.
+    sys.stdout.flush()
+    os.execv(sys.executable, gunicorn_command())
 
-    # SIGTERM ends the run like Ctrl+C: gunicorn first, then the local llama-server.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-        cwd=ROOT,
-    )
+
+def run_beside(backend):
+    """Run gunicorn as a child, passing signals on, and stop the local llama-server after."""
+    server = subprocess.Popen(gunicorn_command())
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda number, _frame: server.send_signal(number))
     try:
-        return server.wait()
-    except (KeyboardInterrupt, SystemExit):
-        server.terminate()
-        return server.wait()
+        while True:
+            try:
+                return server.wait()
+            except KeyboardInterrupt:
+                server.send_signal(signal.SIGINT)
     finally:
-        if backend is not None:
-            backend.stop()
+        backend.stop()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Prometheus metrics: the exporter's request metrics plus bioproxy's own."""
 
 import re
+import time
+from collections import deque
 
 from flask import request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -115,6 +117,15 @@ class Metrics:
             ["template", "state"],
             registry=self.registry,
         )
+        self.first_token = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time from a streamed request's arrival to the first chunk of its answer, by "
+            "template (empty for plain requests).",
+            ["template"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.recent_first_tokens = FirstTokens()
         per_template = {"registry": self.registry}
         self.template_requests = Counter(
             f"{PREFIX}_template_requests_total",
@@ -172,6 +183,40 @@ class Metrics:
             ["template"],
             **per_template,
         )
+
+
+class FirstTokens:
+    """Times to first token of the last minutes, for the status page's chart."""
+
+    def __init__(self, window=15 * 60, bucket=15, limit=20_000):
+        self.window, self.bucket = window, bucket
+        self.samples = deque(maxlen=limit)  # (wall-clock time, seconds), oldest first
+
+    def add(self, seconds, now=None):
+        self.samples.append((time.time() if now is None else now, seconds))
+
+    def buckets(self, now=None):
+        """[{at, count, p50_ms, p95_ms}] per bucket with samples, oldest first."""
+        now = time.time() if now is None else now
+        while self.samples and self.samples[0][0] < now - self.window:
+            self.samples.popleft()
+        grouped = {}
+        for at, seconds in self.samples:
+            grouped.setdefault(int(at // self.bucket) * self.bucket, []).append(seconds)
+        return [
+            {
+                "at": at,
+                "count": len(values),
+                "p50_ms": round(_quantile(values, 0.5) * 1000, 1),
+                "p95_ms": round(_quantile(values, 0.95) * 1000, 1),
+            }
+            for at, values in sorted(grouped.items())
+        ]
+
+
+def _quantile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _skip_unknown_methods():

@@ -4,7 +4,7 @@ import logging
 import re
 import socket
 import time
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import gevent
 from flask import Blueprint, Response, current_app, g, request
@@ -48,16 +48,45 @@ def track_until_closed(response):
     metrics, warmer = state.metrics, state.warmer
     line = (request.remote_addr, request.method, request_target(request.environ))
     status, started, user = response.status_code, g.started, g.user
+    template = response.headers.get("X-Bioproxy-Template", "")
+    cache = response.headers.get("X-Bioproxy-Cache", "-")
+    if response.mimetype == "text/event-stream" and status == 200:
+        response.response = first_chunk_timed(
+            response.response, started, metrics, unquote(template)
+        )
 
     def done():
         metrics.in_flight.dec()
         if user:
             warmer.user_finished()
         duration_ms = (time.monotonic() - started) * 1000
-        access_log.info("%s %s %s %d %.1fms", *line, status, duration_ms)
+        access_log.info(
+            "%s %s %s %d %.1fms template=%s cache=%s",
+            *line,
+            status,
+            duration_ms,
+            template or "-",
+            cache,
+        )
 
     response.call_on_close(done)
     return response
+
+
+def first_chunk_timed(chunks, started, metrics, template):
+    """A streamed body that records its time to first token when its first chunk comes."""
+    timed = False
+    try:
+        for chunk in chunks:
+            if not timed and chunk:
+                seconds = time.monotonic() - started
+                metrics.first_token.labels(template).observe(seconds)
+                metrics.recent_first_tokens.add(seconds)
+                timed = True
+            yield chunk
+    finally:
+        if hasattr(chunks, "close"):
+            chunks.close()
 
 
 @bp.route("/", defaults={"path": ""}, methods=METHODS, host="proxy")

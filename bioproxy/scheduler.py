@@ -69,6 +69,10 @@ class Scheduler:
         self.metrics = metrics
         self.clock = clock
         self.busy = {}  # slot -> the granted Ticket using it
+        # Slots llama-server is busy with although bioproxy gave them to nobody: another
+        # gunicorn worker draining during a reload, a request that ran on after its client
+        # left, or a client of llama-server's own. Kept free of new work until idle.
+        self.foreign = set()
         self.used = {}  # slot -> clock time it was last granted
         self.queue = []  # waiting Tickets, served by (priority, arrival)
         self.arrivals = itertools.count()
@@ -149,7 +153,12 @@ class Scheduler:
         return held[0] if held else None
 
     def _free(self):
-        return [s for s in range(self.slots.count) if s not in self.busy]
+        return [s for s in range(self.slots.count) if s not in self.busy and s not in self.foreign]
+
+    def update_foreign(self):
+        """After a refresh of the slots: which are busy without bioproxy knowing why."""
+        self.foreign = {s for s in self.slots.processing if s not in self.busy}
+        self.dispatch()
 
     def _grant(self, ticket, slot):
         now = self.clock()
@@ -175,7 +184,7 @@ class Scheduler:
         occupancy = self.metrics.slots
         occupancy.clear()
         for slot in range(self.slots.count):
-            state = "busy" if slot in self.busy else "idle"
+            state = "busy" if slot in self.busy or slot in self.foreign else "idle"
             occupancy.labels(self.holding(slot) or "", state).inc()
 
     def retry_after(self):
@@ -240,12 +249,15 @@ class Scheduler:
         slots = []
         for slot in range(self.slots.count):
             ticket = self.busy.get(slot)
+            task = ticket.describe(now) if ticket else None
+            if slot in self.foreign:
+                task = {"kind": "other", "template": None, "slot": slot, "seconds": None}
             slots.append(
                 {
                     "id": slot,
                     "template": self.holding(slot),
-                    "state": "busy" if ticket else "idle",
-                    "task": ticket.describe(now) if ticket else None,
+                    "state": "busy" if task else "idle",
+                    "task": task,
                 }
             )
         return {"slots": slots, "queue": [t.describe(now) for t in self.queue]}

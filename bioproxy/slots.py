@@ -23,6 +23,7 @@ class Slots:
         self.model = None  # identity of the loaded model, see model_identity()
         self.held = {}  # slot id -> (prefix, digest, id_task seen after bioproxy's use)
         self.tasks = {}  # slot id -> last id_task seen, to notice a restart
+        self.processing = set()  # slots GET /slots showed processing at the last refresh
 
     def refresh(self):
         """Read /props and /slots; True when llama-server restarted or changed its model."""
@@ -37,6 +38,7 @@ class Slots:
         if restarted or self.model is None:
             self.held.clear()
         self.model, self.tasks = identity, tasks
+        self.processing = {i for i, (_, busy) in _states(slots).items() if busy}
         self.count = int(props.get("total_slots") or len(slots))
         return restarted
 

@@ -83,6 +83,7 @@ def _templated(state, entry, match, send, ticket):
     tail = Tail()
     response = send(match.expand(template, slot), tail.watch)
     metrics.template_requests.labels(entry.prefix, cache).inc()
+    entry.requests[cache] += 1
     # Header values are latin-1: a prefix beyond ASCII goes percent-encoded.
     response.headers["X-Bioproxy-Template"] = quote(entry.prefix, safe=string.punctuation)
     response.headers["X-Bioproxy-Cache"] = cache

@@ -74,6 +74,10 @@ class Upstream:
         self.health_timeout = health_timeout
         self.adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
 
+    def close(self):
+        """Close every pooled connection to llama.cpp (at the worker's exit)."""
+        self.adapter.close()
+
     def send(self, method, target, headers, body):
         """Send a client's request and return the streamed response once its headers arrive.
 

@@ -3,6 +3,7 @@
 import json
 import logging
 import time
+from collections import deque
 
 import gevent
 from gevent.event import Event
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 # Stands in for the user's message when asking llama-server how it renders a template.
 SENTINEL = "\u2063bioproxy-message\u2063"
+RECENT_WARMUPS = 20  # evaluations /status lists
 
 
 class Entry:
@@ -33,6 +35,7 @@ class Entry:
         self.last_warmup = None
         self.forced = False  # evaluate again even though a saved file exists
         self.failures = 0  # failed evaluations in a row
+        self.requests = {"slot": 0, "restored": 0, "cold": 0}  # templated requests by cache
         self.retry_at = 0.0  # no new try before this time.monotonic()
 
     def describe(self, registry, model):
@@ -47,6 +50,7 @@ class Entry:
             "digest": digest,
             "saved_file": saved["file"] if saved else None,
             "last_warmup": self.last_warmup,
+            "requests": dict(self.requests),
         }
 
 
@@ -97,6 +101,7 @@ class Warmer:
         self.idle = Event()  # set while there are none
         self.idle.set()
         self.evaluations = set()  # Evaluations under way
+        self.recent = deque(maxlen=RECENT_WARMUPS)  # their outcomes, newest last
         self.wake = Event()
         self.greenlet = None
         for prefix in list(self.registry.entries):
@@ -110,8 +115,13 @@ class Warmer:
         self.greenlet = gevent.spawn(self.run)
 
     def stop(self):
-        if self.greenlet is not None:
-            self.greenlet.kill()
+        """Stop watching and warming: the evaluation under way, if any, is abandoned."""
+        if self.greenlet is None or self.greenlet.dead:
+            return
+        for evaluation in list(self.evaluations):
+            evaluation.cancel()  # closes its connection, so llama-server stops too
+        self.greenlet.kill()
+        log.info("warmer stopped")
 
     def run(self):
         while True:
@@ -119,8 +129,10 @@ class Warmer:
                 self.check()
             except Exception:
                 log.exception("warmup pass failed")
-            # While llama-server is down, look again soon: requests go unscheduled until then.
-            self.wake.wait(min(self.interval, 1.0) if self.backend_was_down else self.interval)
+            # Look again soon while llama-server is down (requests go unscheduled until it
+            # answers) or busy in slots bioproxy did not give out (they stay unused meanwhile).
+            soon = self.backend_was_down or self.scheduler.foreign
+            self.wake.wait(min(self.interval, 1.0) if soon else self.interval)
             self.wake.clear()
 
     def request_warmup(self, prefix):
@@ -145,7 +157,7 @@ class Warmer:
                 if entry.template is not None:
                     entry.state = "stale"
         self.backend_was_down = False
-        self.scheduler.dispatch()  # the slot count may have changed
+        self.scheduler.update_foreign()  # also serves the queue if the slot count grew
         pool = Pool(self.concurrency)
         for entry in self.due():
             pool.spawn(self.warm_logged, entry)
@@ -168,7 +180,12 @@ class Warmer:
             for e in self.entries.values()
             if e.template is not None and e.state in ("stale", "failed") and e.prefix not in busy
         ]
-        return {"running": running, "pending": pending, "users_in_flight": self.users}
+        return {
+            "running": running,
+            "pending": pending,
+            "users_in_flight": self.users,
+            "recent": list(self.recent),
+        }
 
     def due(self):
         """The templates that need a warmup now."""
@@ -264,6 +281,7 @@ class Warmer:
         except Exception as e:
             if run.cancelled:
                 entry.state = "stale"  # again when bioproxy is idle
+                self.remember(run, "cancelled")
                 self.metrics.warmup_cancellations.labels(entry.prefix).inc()
                 log.info("warming template %s gave way to a user request", entry.prefix)
                 return
@@ -272,6 +290,7 @@ class Warmer:
             entry.retry_at = time.monotonic() + min(self.interval * 2**entry.failures, 600)
             entry.state = "failed"
             entry.last_warmup = {"at": time.time(), "outcome": "failed", "error": str(e)}
+            self.remember(run, "failed")
             self.metrics.warmups.labels(entry.prefix, "failed").inc()
             log.warning("warming template %s failed: %s", entry.prefix, e)
             return
@@ -285,6 +304,7 @@ class Warmer:
             "seconds": round(seconds, 3),
             "tokens_evaluated": evaluated,
         }
+        self.remember(run, "ok")
         self.metrics.warmups.labels(entry.prefix, "ok").inc()
         self.metrics.warmup_seconds.labels(entry.prefix).observe(seconds)
         entry.forced, entry.failures = False, 0
@@ -293,6 +313,18 @@ class Warmer:
         # After the save: what the slot last ran is then what bioproxy saw last.
         self.slots.mark(slot, entry.prefix, template.digest)
         entry.state = "warm"
+
+    def remember(self, run, outcome):
+        """Keep the last evaluations' outcomes for /status."""
+        seconds = round(time.monotonic() - run.started, 3)
+        self.recent.append(
+            {
+                "template": run.entry.prefix,
+                "at": time.time(),
+                "outcome": outcome,
+                "seconds": seconds,
+            }
+        )
 
     def save(self, entry, template, slot, tokens):
         name = filename(entry.prefix, template.digest, self.slots.model)

@@ -48,6 +48,17 @@ def test_health_is_503_when_llama_cpp_is_down(admin):
 
 
 @responses.activate
+def test_health_can_answer_200_while_llama_cpp_is_down(admin):
+    responses.get(f"{BACKEND}/health", body=requests.ConnectionError("connection refused"))
+
+    answer = admin.get("/health?always_200")
+
+    assert answer.status_code == 200
+    assert answer.get_json()["status"] == "degraded"
+    assert answer.get_json()["backend"]["status"] == "down"
+
+
+@responses.activate
 def test_admin_port_answers_only_its_own_paths(admin):
     answer = admin.get("/v1/models")
 
@@ -73,3 +84,27 @@ def test_metrics_are_prometheus_text(admin):
     assert "# TYPE bioproxy_http_request_duration_seconds histogram" in text
     assert "# TYPE bioproxy_upstream_errors_total counter" in text
     assert "# TYPE bioproxy_requests_in_flight gauge" in text
+
+
+def test_status_page_is_html_that_reads_the_json_endpoints(admin):
+    answer = admin.get("/")
+
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"] == "text/html; charset=utf-8"
+    page = answer.get_data(as_text=True)
+    assert page.startswith("<!DOCTYPE html>")
+    for endpoint in ('"/status"', '"/templates"', '"/health'):
+        assert endpoint in page
+    # Self-contained: no CDN, font or image from anywhere, and the browser is told so.
+    assert "http://" not in page
+    assert "https://" not in page
+    assert "connect-src 'self'" in answer.headers["Content-Security-Policy"]
+
+
+@responses.activate
+def test_status_page_is_only_on_the_admin_port(client):
+    responses.get(f"{BACKEND}/", body="llama.cpp's own page")
+
+    answer = client.get("/")
+
+    assert answer.get_data(as_text=True) == "llama.cpp's own page"

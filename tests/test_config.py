@@ -9,6 +9,7 @@ import pytest
 
 from bioproxy import config
 from bioproxy.config import ConfigError, Settings, load
+from tests.servers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,11 +125,12 @@ def test_a_bad_boolean_in_the_environment_is_refused():
         load(environ={"HOME": "/nonexistent", "BIOPROXY_WARMUP_ONLY_WHEN_IDLE": "maybe"})
 
 
-def run_gunicorn_check(environ):
+def run_gunicorn_check(environ, *args):
     env = {k: v for k, v in os.environ.items() if not k.startswith("BIOPROXY_")}
     env.update(environ)
+    args = args or ("--check-config",)
     return subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--check-config", "wsgi:app"],
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args, "wsgi:app"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -154,3 +156,16 @@ def test_gunicorn_accepts_a_good_config(tmp_path):
     result = run_gunicorn_check(write(tmp_path / "c.json", {"proxy_port": 18088}))
 
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, named", [(["-w", "2"], "workers = 2"), (["-k", "sync"], "worker_class = 'sync'")]
+)
+def test_gunicorn_refuses_more_workers_or_another_worker_class(tmp_path, args, named):
+    ports = {"proxy_port": free_port(), "admin_port": free_port()}
+
+    result = run_gunicorn_check(write(tmp_path / "c.json", ports), *args)
+
+    assert result.returncode != 0
+    assert "runs with exactly one gevent worker" in result.stderr
+    assert named in result.stderr

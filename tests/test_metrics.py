@@ -7,7 +7,7 @@ import requests
 import responses
 from prometheus_client.parser import text_string_to_metric_families
 
-from bioproxy.metrics import endpoint
+from bioproxy.metrics import FirstTokens, endpoint
 from tests.conftest import BACKEND
 
 
@@ -107,3 +107,33 @@ def test_made_up_methods_create_no_series(client, admin):
 
     methods = {dict(labels).get("method") for _, labels in samples(admin)} - {None}
     assert methods == set()
+
+
+@responses.activate
+def test_a_stream_records_its_time_to_first_token_and_is_logged(client, admin, caplog):
+    responses.post(
+        f"{BACKEND}/completion",
+        body=b'data: {"content": "a"}\n\n',
+        content_type="text/event-stream",
+    )
+    caplog.set_level("INFO", logger="bioproxy.access")
+
+    client.post("/completion", data=b'{"stream": true}').close()
+
+    first = samples(admin)
+    assert first[("bioproxy_time_to_first_token_seconds_count", (("template", ""),))] == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "bioproxy.access"]
+    assert re.fullmatch(r"\S+ POST /completion 200 [\d.]+ms template=- cache=-", line), line
+
+
+def test_recent_first_tokens_are_grouped_in_buckets_of_the_last_minutes():
+    recent = FirstTokens(window=60, bucket=15)
+    for at, seconds in [(0, 9.0), (100, 0.1), (101, 0.3), (102, 0.2), (116, 0.05)]:
+        recent.add(seconds, now=at)
+
+    buckets = recent.buckets(now=150)
+
+    assert buckets == [
+        {"at": 90, "count": 3, "p50_ms": 200.0, "p95_ms": 300.0},
+        {"at": 105, "count": 1, "p50_ms": 50.0, "p95_ms": 50.0},
+    ]

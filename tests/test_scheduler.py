@@ -33,6 +33,7 @@ class Slots:
 
     def __init__(self, count, held=None):
         self.count = count
+        self.processing = set()
         self.held = {slot: (prefix, "digest", 0) for slot, prefix in (held or {}).items()}
 
 
@@ -167,6 +168,24 @@ def test_a_slot_count_that_grows_serves_the_queue():
     scheduler.dispatch()
 
     assert (waiting.outcome, waiting.slot) == (GRANTED, 1)
+
+
+def test_slots_busy_with_work_bioproxy_did_not_give_out_are_left_alone_until_idle():
+    scheduler = make(count=2)
+    mine = scheduler.submit(user())  # slot 0
+    scheduler.slots.processing = {0, 1}  # slot 1: e.g. the old worker of a reload
+
+    scheduler.update_foreign()
+    waiting = scheduler.submit(user())
+    scheduler.release(mine)
+
+    assert scheduler.foreign == {1}
+    assert (waiting.outcome, waiting.slot) == (GRANTED, 0)
+    other = scheduler.submit(user())
+    assert other.outcome == QUEUED
+    scheduler.slots.processing = set()
+    scheduler.update_foreign()
+    assert (other.outcome, other.slot) == (GRANTED, 1)
 
 
 def test_releasing_twice_frees_the_slot_once():

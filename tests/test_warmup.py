@@ -408,6 +408,12 @@ def test_only_work_for_the_model_holds_warmups_off(app, llama, client):
 
 def test_status_shows_slots_with_their_templates_the_queue_and_pending_warmups(app, llama, admin):
     warmer(app).check()
+    assert [
+        (w["template"], w["outcome"]) for w in admin.get("/status").json["warmups"]["recent"]
+    ] == [
+        ("@code", "ok"),
+        ("@review", "ok"),
+    ]
     scheduler = warmer(app).scheduler
     running = scheduler.submit(Ticket(USER, "@code"))
     scheduler.submit(Ticket(USER))  # a plain request, in @review's slot
@@ -458,3 +464,13 @@ def test_warmups_can_be_allowed_while_users_are_in_flight(make_app, folder, llam
 
     assert warmer(app).entries["@code"].state == "warm"
     assert warmer(app).evaluations == set()
+
+
+def test_templates_count_their_requests_by_cache_state(app, llama, client, admin):
+    warmer(app).check()
+    ask(client, "@code Why?")
+    llama.run_other_task(llama.chats[-1]["id_slot"])
+    ask(client, "@code Why not?")
+
+    (code,) = [t for t in admin.get("/templates").json["templates"] if t["prefix"] == "@code"]
+    assert code["requests"] == {"slot": 1, "restored": 1, "cold": 0}

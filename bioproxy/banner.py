@@ -1,0 +1,49 @@
+"""What the `bioproxy` command prints once the server listens (as the original did).
+
+Kept apart from cli.py: gunicorn's master imports it, and must not import requests.
+"""
+
+
+def banner(settings):
+    proxy = _url(settings.proxy_host, settings.proxy_port)
+    admin = _url(settings.admin_host, settings.admin_port)
+    lines = [
+        "🚀 Starting bioproxy - llama.cpp reverse proxy with KV cache warmup",
+        "",
+        "Configuration:",
+        f"  Proxy listening on: {proxy}",
+        f"  Backend llama.cpp:  {settings.backend_url}",
+        f"  Admin:              {admin}",
+        f"  Warmup interval:    {settings.warmup_check_interval:g} s",
+        f"  Templates:          {len(settings.prefixes)}",
+    ]
+    lines += [f"    {prefix} -> {path}" for prefix, path in sorted(settings.prefixes.items())]
+    lines += [
+        "",
+        "✅ Proxy server is running!",
+        "",
+        "Try these commands:",
+        f"  curl {proxy}/health",
+        f"  curl {proxy}/v1/models",
+        f"  curl {admin}/health",
+        f"  curl {admin}/metrics",
+        f"  curl {admin}/status",
+    ]
+    if settings.prefixes:
+        prefix = sorted(settings.prefixes)[0]
+        body = (
+            '{"messages": [{"role": "user", "content": "' + prefix + ' Hello!"}], "max_tokens": 50}'
+        )
+        lines.append(
+            f"  curl {proxy}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+        )
+    lines += ["", f"Status page: {admin}/", "", "Press Ctrl+C to stop..."]
+    return "\n".join(lines)
+
+
+def _url(host, port):
+    # A wildcard address is not one to connect to: show the loopback one.
+    host = {"0.0.0.0": "localhost", "::": "localhost", "": "localhost"}.get(host, host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"

@@ -1,0 +1,175 @@
+"""The admin port's status page in headless Chromium, against bioproxy under real gunicorn.
+
+llama-server is not needed: the backend is a closed port, so the page shows it down and
+the templates never warm. Chromium and chromedriver come from Debian's packages; a missing
+one is an error here, never a skip: run scripts/setup --dev.
+"""
+
+import os
+
+import pytest
+
+from tests.servers import Bioproxy, free_port
+
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:  # reported by the browser fixture, as a failure
+    webdriver = None
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+WAIT = 15  # seconds any wait in the page may take
+ODD_PREFIX = '@x<b>&"'  # markup in a prefix must show as text
+ODD_FILE = "templates/<i>&'.txt"  # missing: its error message names it, markup and all
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("status-page")
+    (folder / "templates").mkdir()
+    for name in ("code", "review"):
+        (folder / "templates" / f"{name}.txt").write_text(f"You {name}.\n<{{message}}>\n")
+    config = {
+        "prefixes": {
+            "@code": "templates/code.txt",
+            "@review": "templates/review.txt",
+            ODD_PREFIX: ODD_FILE,
+        },
+        "warmup_check_interval": 0.5,
+    }
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: llama-server is down
+    with Bioproxy(closed, str(folder), config, health_timeout=1.0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if webdriver is None:
+        pytest.fail("selenium is not installed: run scripts/setup --dev", pytrace=False)
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            pytest.fail(f"{path} is not installed: run scripts/setup --dev", pytrace=False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # Chromium refuses to run as root with its sandbox
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-default-apps",
+        "--disable-sync",
+        "--window-size=1280,1000",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
+        options.add_argument(argument)
+    # Everything the page logs to the console, readable with get_log("browser").
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(WAIT)
+    driver.set_script_timeout(WAIT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+# What the page shows, read in one go: it rebuilds its elements at every refresh, so an
+# element found first and read later may be gone by then.
+SNAPSHOT = """
+const node = (id) => document.getElementById(id);
+const shown = (id) => node(id).checkVisibility();
+return {
+    refreshes: Number(document.body.dataset.refreshes || 0),
+    backend: node("backend-status").textContent,
+    backend_url: node("backend-url").textContent,
+    banner: shown("banner") ? node("banner").textContent : null,
+    templates: Object.fromEntries(
+        Array.from(document.querySelectorAll("#templates tbody tr"), (row) => [
+            row.dataset.prefix,
+            row.innerText,
+        ]),
+    ),
+    sections: Object.fromEntries(
+        ["slots", "queue", "warmups"].map((id) => [id, node(id).innerText]),
+    ),
+    ttft_chart: shown("ttft-chart"),
+    ttft_empty: shown("ttft-empty") ? node("ttft-empty").textContent : null,
+    text: document.body.innerText,
+    markup: document.querySelectorAll("body b, body i").length,
+    resources: performance.getEntriesByType("resource").map((entry) => entry.name),
+};
+"""
+
+
+def snapshot(driver):
+    return driver.execute_script(SNAPSHOT)
+
+
+def open_page(driver, server, refreshes=1):
+    """Load the status page and wait until it has shown fresh data `refreshes` times."""
+    driver.get_log("browser")  # start from an empty console log
+    driver.get(server.admin_url + "/")
+    WebDriverWait(driver, WAIT).until(
+        lambda d: snapshot(d)["refreshes"] >= refreshes, "the status page never showed data"
+    )
+    return snapshot(driver)
+
+
+def console_problems(driver):
+    """The console's errors and warnings: failed loads, uncaught exceptions, console.warn()."""
+    return [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
+
+
+def test_page_shows_templates_and_backend_down_without_console_errors(browser, server):
+    # Two refreshes: the first load and one of the page's own, 2 s later.
+    page = open_page(browser, server, refreshes=2)
+
+    assert page["backend"] == "down"
+    assert page["backend_url"].startswith("http://127.0.0.1:")
+    assert page["banner"] is None
+    rows = page["templates"]
+    assert set(rows) == {"@code", "@review", ODD_PREFIX}
+    for prefix in ("@code", "@review"):
+        assert prefix in rows[prefix]
+        assert any(state in rows[prefix] for state in ("pending", "stale")), rows[prefix]
+    assert "broken" in rows[ODD_PREFIX]
+    assert all(text.strip() for text in page["sections"].values()), page["sections"]
+    assert page["ttft_empty"]  # no requests: a sentence instead of a chart
+    assert page["ttft_chart"] is False
+
+    assert console_problems(browser) == []
+    # Nothing but the admin port: no CDN, font or image, no favicon from anywhere.
+    resources = page["resources"]
+    assert {"/health", "/templates", "/status"} <= {
+        name.removeprefix(server.admin_url).split("?")[0] for name in resources
+    }
+    assert [name for name in resources if not name.startswith(server.admin_url + "/")] == []
+
+
+def test_page_shows_markup_in_config_as_text(browser, server):
+    page = open_page(browser, server)
+
+    row = page["templates"][ODD_PREFIX]
+    assert ODD_PREFIX in row
+    assert "<i>&'.txt" in row  # the file, and the error that names it
+    assert ODD_PREFIX in page["text"]
+    assert page["markup"] == 0  # no <b> or <i> element made of them
+    assert console_problems(browser) == []
+
+
+def test_page_says_when_the_admin_port_is_unreachable(browser, tmp_path):
+    with Bioproxy(f"http://127.0.0.1:{free_port()}", str(tmp_path)) as server:
+        open_page(browser, server)
+    # gunicorn is gone; the page's next refresh fails and says so, without throwing.
+    WebDriverWait(browser, WAIT).until(
+        lambda d: "admin port unreachable" in (snapshot(d)["banner"] or ""),
+        "the page does not say the admin port is unreachable",
+    )
+    # Chromium logs the failed fetches themselves; nothing else may be logged.
+    problems = console_problems(browser)
+    assert all(e["source"] == "network" and "net::ERR_" in e["message"] for e in problems), problems
