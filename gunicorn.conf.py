@@ -15,7 +15,13 @@ from bioproxy import config as _config
 try:
     _settings = _config.load()
 except _config.ConfigError as _e:
-    sys.exit(f"bioproxy: configuration error: {_e}")
+    if _config.RUNNING not in os.environ:
+        sys.exit(f"bioproxy: configuration error: {_e}")
+    # A reload (SIGHUP) with a broken configuration: keep serving with the running one
+    # rather than stop. The new worker falls back to it too (see bioproxy.create_app).
+    print(f"bioproxy: configuration error, the running one stays: {_e}", file=sys.stderr)
+    _settings = _config.running(os.environ)
+os.environ[_config.RUNNING] = _config.dump(_settings)
 
 # Listeners: the proxy first, then the admin port.
 bind = [_settings.proxy_bind, _settings.admin_bind]

@@ -6,6 +6,8 @@ import os
 from urllib.parse import urlsplit
 
 DEFAULT_PATH = "~/.config/bioproxy/config.json"
+# Where gunicorn's master keeps the settings it runs with, for a reload that fails.
+RUNNING = "BIOPROXY_RUNNING_SETTINGS"
 
 
 class ConfigError(Exception):
@@ -128,6 +130,16 @@ def load(overrides=None, environ=None):
     if settings.proxy_port == settings.admin_port:
         raise ConfigError(f"proxy_port and admin_port are both {settings.proxy_port}")
     return settings
+
+
+def dump(settings):
+    """Settings as JSON, to hand to a reloaded worker (see running())."""
+    return json.dumps(dataclasses.asdict(settings))
+
+
+def running(environ):
+    """The settings gunicorn's master ran with before a reload whose configuration fails."""
+    return Settings(**json.loads(environ[RUNNING]))
 
 
 def _parse_env(name, text, kind):

@@ -160,3 +160,29 @@ def test_sighup_reloads_config_and_templates_without_dropping_a_connection(llama
         assert statuses and set(statuses) == {200}
         wait_until(lambda: proxy.templates()["@b"]["state"] == "warm", what="@b warm")
         assert proxy.process.poll() is None  # the same server, reloaded
+
+
+def test_a_reload_with_a_broken_config_keeps_the_running_one(llama, tmp_path):
+    (tmp_path / "a.txt").write_text("Template A.\n<{message}>")
+    config = {"prefixes": {"@a": "a.txt"}, "warmup_check_interval": 0.5}
+    with Bioproxy(llama.url, tmp_path, config) as proxy:
+        stream = long_stream(proxy.proxy_url, tokens=100)
+        (tmp_path / "config.json").write_text('{"prefixes": {"@a": "a.txt"},')  # cut short
+
+        proxy.process.send_signal(signal.SIGHUP)
+
+        assert read_to_end(stream).rstrip().endswith(b"data: [DONE]")
+        wait_until(
+            lambda: "configuration error, the running one stays" in proxy.log(),
+            timeout=15,
+            what="the reload to be refused",
+        )
+        time.sleep(2)  # a broken reload used to stop gunicorn here
+        assert proxy.process.poll() is None
+        assert requests.get(proxy.proxy_url + "/v1/models", timeout=10).status_code == 200
+        assert list(proxy.templates()) == ["@a"]
+
+        config["prefixes"]["@b"] = "a.txt"
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "@b" in proxy.templates(), timeout=30, what="the fixed config")
