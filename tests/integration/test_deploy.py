@@ -1,6 +1,9 @@
 """deploy/nginx/bioproxy.conf, in Debian's nginx, in front of bioproxy and llama-server."""
 
+import http.server
+import json
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,42 @@ def test_nginx_refuses_bodies_over_bioproxy_s_limit(nginx):
     answer = requests.post(nginx + "/completion", data=b"x" * (8 * 1024 * 1024 + 1), timeout=30)
 
     assert answer.status_code == 413
+
+
+class EchoHandler(http.server.BaseHTTPRequestHandler):
+    """Answers with what it was sent: the request line's version and the headers."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = json.dumps({"version": self.request_version, "headers": dict(self.headers)})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_nginx_passes_the_client_address_over_http_1_1_keepalive(tmp_path):
+    echo = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    port = free_port()
+    site = SITE.read_text().replace("listen 80;", f"listen 127.0.0.1:{port};")
+    site = site.replace("127.0.0.1:8088", f"127.0.0.1:{echo.server_address[1]}")
+    server = Nginx(tmp_path, site).start(port)
+    try:
+        sent = requests.get(
+            f"http://127.0.0.1:{port}/x", headers={"X-Forwarded-For": "203.0.113.7"}, timeout=5
+        ).json()
+    finally:
+        server.stop()
+        echo.shutdown()
+
+    assert sent["version"] == "HTTP/1.1"
+    headers = {k.lower(): v for k, v in sent["headers"].items()}
+    assert headers.get("connection", "") == ""  # no "close": the connection is kept
+    assert headers["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    assert headers["x-forwarded-proto"] == "http"
