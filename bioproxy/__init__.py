@@ -61,6 +61,7 @@ def create_app(overrides=None):
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.upstream_timeout,
         health_timeout=settings.health_timeout,
+        api_key=settings.backend_api_key,
     )
     metrics = Metrics(app)
     app.extensions["bioproxy"] = State(

@@ -44,6 +44,10 @@ class Settings:
     warmup_only_when_idle: bool = True
     warmup_concurrency: int = 1
     warmup_piece_chars: int = 150
+    # Security.
+    api_key: str = ""  # clients of the proxy port must send "Authorization: Bearer <key>"
+    backend_api_key: str = ""  # sent to llama-server (its --api-key) with every request
+    trust_forwarded_for: bool = False  # keep a client's X-Forwarded-For (behind nginx)
 
     @property
     def proxy_bind(self):

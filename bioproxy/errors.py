@@ -23,6 +23,12 @@ class BadRequest(BioproxyError):
     code = "bad_request"
 
 
+class Unauthorized(BioproxyError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
 class SlotApiReserved(BioproxyError):
     status = 403
     type = "permission_error"
@@ -114,6 +120,8 @@ def init_app(app):
         response = error_response(e.status, str(e), e.type, e.code)
         if isinstance(e, ServerBusy):
             response.headers["Retry-After"] = str(e.retry_after)
+        if isinstance(e, Unauthorized):
+            response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
     @app.errorhandler(HTTPException)

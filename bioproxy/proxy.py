@@ -1,5 +1,6 @@
 """The proxy port: every request goes on to llama.cpp and its answer streams back."""
 
+import hmac
 import logging
 import re
 import socket
@@ -13,7 +14,7 @@ from gevent.socket import wait_read
 
 from . import injection, templated
 from . import upstream as upstream_module
-from .errors import RequestTooLarge, SlotApiReserved, UpstreamCut, UpstreamError
+from .errors import RequestTooLarge, SlotApiReserved, Unauthorized, UpstreamCut, UpstreamError
 from .metrics import METHODS
 
 bp = Blueprint("proxy", __name__)
@@ -94,6 +95,9 @@ def first_chunk_timed(chunks, started, metrics, template):
 def forward(path):
     """Forward the request as it came and stream llama.cpp's answer back."""
     state = current_app.extensions["bioproxy"]
+    settings = state.settings
+    if settings.api_key:
+        authorize(request, settings.api_key)
     if state.warmer.entries and request.method == "POST" and SLOT_ACTION.fullmatch(request.path):
         # Clients could erase the warm slots or overwrite bioproxy's saved files.
         raise SlotApiReserved(
@@ -101,10 +105,13 @@ def forward(path):
             "manages the slots for its templates"
         )
     body = read_body(request, state.settings.max_request_bytes)
-    headers = upstream_module.end_to_end(
-        list(request.headers.items()), upstream_module.REQUEST_OWNED
+    # The client's key is bioproxy's own when api_key is set; llama-server's key, if any,
+    # is added by the upstream.
+    owned = upstream_module.REQUEST_OWNED | (
+        {"authorization"} if settings.api_key or settings.backend_api_key else set()
     )
-    headers += forwarded_headers(request)
+    headers = upstream_module.end_to_end(list(request.headers.items()), owned)
+    headers += forwarded_headers(request, settings.trust_forwarded_for)
     target = request_target(request.environ)
 
     def send(body, watch=None):
@@ -210,9 +217,30 @@ def request_target(environ):
     return f"{path}?{query}" if query else path
 
 
-def forwarded_headers(req):
-    """X-Forwarded-* headers that tell llama.cpp who the client is."""
-    prior = req.headers.get("X-Forwarded-For")
+# Probes and CORS preflights carry no key (llama-server lets its /health through too).
+PUBLIC = frozenset({"/health", "/v1/health"})
+
+
+def authorize(req, key):
+    """Unauthorized unless the request carries "Authorization: Bearer <key>"."""
+    if req.method == "OPTIONS" or (req.method in ("GET", "HEAD") and req.path in PUBLIC):
+        return
+    scheme, _, given = req.headers.get("Authorization", "").partition(" ")
+    # Compared in constant time, as bytes (compare_digest refuses non-ASCII str): WSGI hands
+    # header values over as latin-1, so that gives back the bytes the client sent, and a
+    # key beyond ASCII is matched by its UTF-8 bytes.
+    sent = given.strip().encode("latin-1", "replace")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent, key.encode()):
+        raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'")
+
+
+def forwarded_headers(req, trust_prior=False):
+    """X-Forwarded-* headers that tell llama.cpp who the client is.
+
+    A client's own X-Forwarded-For is kept (and extended) only when trusted: behind a
+    proxy that sets it, such as deploy/nginx. Otherwise anyone could claim any address.
+    """
+    prior = req.headers.get("X-Forwarded-For") if trust_prior else None
     client = req.remote_addr or "unknown"
     return [
         ("X-Forwarded-For", f"{prior}, {client}" if prior else client),

@@ -67,8 +67,12 @@ class Upstream:
     redirects, and the Session's merging of settings cost a fifth of a small request.
     """
 
-    def __init__(self, base_url, connect_timeout, read_timeout, health_timeout, pool_size=64):
+    def __init__(
+        self, base_url, connect_timeout, read_timeout, health_timeout, api_key="", pool_size=64
+    ):
         self.base_url = base_url.rstrip("/")
+        # llama-server's own key (its --api-key), sent with every request when set.
+        self.auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.health_timeout = health_timeout
@@ -87,7 +91,7 @@ class Upstream:
         prepared = requests.PreparedRequest()
         prepared.prepare_method(method)
         prepared.url = self.base_url + _ascii_target(target)
-        prepared.prepare_headers(_merge(headers))
+        prepared.prepare_headers({**_merge(headers), **self.auth})
         prepared.prepare_body(body, None)
         try:
             return self._send(prepared, self.read_timeout)
@@ -104,7 +108,9 @@ class Upstream:
 
     def open(self, method, path, body=None, timeout=None):
         """One of bioproxy's own calls, streamed: the response once its headers arrived."""
-        prepared = requests.Request(method, self.base_url + path, json=body).prepare()
+        prepared = requests.Request(
+            method, self.base_url + path, json=body, headers=self.auth
+        ).prepare()
         try:
             response = self._send(prepared, timeout or self.read_timeout)
         except requests.RequestException as e:

@@ -86,9 +86,84 @@ def test_drops_hop_by_hop_request_headers_and_adds_forwarded_ones(client):
         "Upgrade",
     ):
         assert name not in sent
-    assert sent["X-Forwarded-For"] == "10.0.0.1, 192.0.2.7"
+    assert sent["X-Forwarded-For"] == "192.0.2.7"  # the client's own claim is not trusted
     assert sent["X-Forwarded-Proto"] == "http"
     assert sent["X-Forwarded-Host"] == "localhost:8088"
+
+
+@responses.activate
+def test_a_trusted_x_forwarded_for_is_extended(make_app):
+    responses.get(f"{BACKEND}/props", json={})
+    client = make_app(trust_forwarded_for=True).test_client()
+
+    client.get(
+        "/props",
+        headers={"X-Forwarded-For": "203.0.113.9"},
+        environ_overrides={"REMOTE_ADDR": "127.0.0.1"},
+    )
+
+    assert responses.calls[0].request.headers["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+
+
+def keyed(make_app, **settings):
+    return make_app(api_key="s3cret-ключ", **settings).test_client()
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer wrong", "Basic s3cret", "Bearer s3cret", "Bearer s3cret-ключ-and-more"],
+)
+@responses.activate
+def test_with_an_api_key_requests_without_it_get_401_and_are_not_forwarded(make_app, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+
+    answer = keyed(make_app).post("/v1/chat/completions", data=b"{}", headers=headers)
+
+    assert_openai_error(answer, 401, "invalid_api_key")
+    assert answer.headers["WWW-Authenticate"] == "Bearer"
+    assert len(responses.calls) == 0
+
+
+@responses.activate
+def test_the_right_key_passes_and_is_not_forwarded_to_llama_cpp(make_app):
+    responses.post(f"{BACKEND}/tokenize", json={"tokens": []})
+    client = keyed(make_app)
+
+    # As a WSGI server passes the header's UTF-8 bytes: decoded as latin-1.
+    answer = client.post(
+        "/tokenize",
+        data=b"{}",
+        headers={"Authorization": "Bearer s3cret-ключ".encode().decode("latin-1")},
+    )
+
+    assert answer.status_code == 200
+    assert "Authorization" not in sent_to("/tokenize")[0].headers
+
+
+@responses.activate
+def test_probes_and_preflights_need_no_key(make_app):
+    responses.get(f"{BACKEND}/health", json={"status": "ok"})
+    responses.add("OPTIONS", f"{BACKEND}/v1/chat/completions", status=204)
+    client = keyed(make_app)
+
+    assert client.get("/health").status_code == 200
+    assert client.options("/v1/chat/completions").status_code == 204
+    assert client.get("/v1/models").status_code == 401
+
+
+@responses.activate
+def test_llama_server_s_own_key_goes_with_proxied_requests_and_bioproxy_s_calls(make_app):
+    responses.post(f"{BACKEND}/tokenize", json={"tokens": []})
+    responses.get(f"{BACKEND}/health", json={"status": "ok"})
+    app = make_app(backend_api_key="llama-key")
+
+    app.test_client().post("/tokenize", data=b"{}", headers={"Authorization": "Bearer mine"})
+    app.extensions["bioproxy"].upstream.health()
+
+    assert [c.request.headers["Authorization"] for c in responses.calls] == [
+        "Bearer llama-key",
+        "Bearer llama-key",
+    ]
 
 
 @responses.activate
