@@ -152,6 +152,8 @@ class ClientWatch:
             wait_read(self.socket.fileno())
             if not self.socket.recv(1, socket.MSG_PEEK):
                 self.gone.set()
+        except ValueError:
+            return  # a TLS socket cannot peek: it cannot be watched
         except OSError:
             self.gone.set()
 
