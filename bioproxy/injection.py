@@ -26,7 +26,19 @@ class Match:
         if slot is not None:
             self.body["id_slot"] = slot
             self.body["cache_prompt"] = True
-        return json.dumps(self.body, ensure_ascii=False).encode()
+        return dump(self.body)
+
+
+def dump(body):
+    """A body bioproxy rebuilt, as UTF-8 JSON; BadRequest if it cannot be valid Unicode."""
+    try:
+        return json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # JSON lets a string hold a lone UTF-16 surrogate escape ("\ud800"), which no UTF-8
+        # text can; bioproxy does not send llama.cpp a body it made invalid.
+        raise BadRequest(
+            "request body holds a lone surrogate escape (such as \\ud800): not valid Unicode"
+        ) from None
 
 
 def find(method, path, raw, prefixes):

@@ -4,6 +4,7 @@ import json
 import string
 from urllib.parse import quote
 
+from . import injection
 from .errors import TemplateBroken
 from .scheduler import USER, Ticket
 
@@ -150,6 +151,6 @@ def _pin(raw, body, slot):
         return raw
     text = raw.lstrip()
     if "id_slot" in body or not text.startswith(b"{"):  # (or in UTF-16, or with a BOM)
-        return json.dumps({**body, "id_slot": slot}, ensure_ascii=False).encode()
+        return injection.dump({**body, "id_slot": slot})
     rest = text[1:]  # after the object's "{"
     return b'{"id_slot":%d%s' % (slot, b"" if rest.lstrip().startswith(b"}") else b",") + rest

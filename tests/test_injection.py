@@ -127,3 +127,12 @@ def test_other_requests_are_not_read(method, path, prefixes):
 def test_bodies_bioproxy_must_read_but_cannot_are_400(raw, message):
     with pytest.raises(BadRequest, match=message):
         find("POST", "/v1/chat/completions", raw, PREFIXES)
+
+
+def test_a_lone_surrogate_in_a_body_bioproxy_rebuilds_is_a_400():
+    from bioproxy.errors import BadRequest
+    from bioproxy.injection import dump
+
+    with pytest.raises(BadRequest, match="lone surrogate"):
+        dump({"content": "hi \ud800"})
+    assert dump({"content": "hi é"}) == '{"content": "hi é"}'.encode()

@@ -474,3 +474,15 @@ def test_templates_count_their_requests_by_cache_state(app, llama, client, admin
 
     (code,) = [t for t in admin.get("/templates").json["templates"] if t["prefix"] == "@code"]
     assert code["requests"] == {"slot": 1, "restored": 1, "cold": 0}
+
+
+def test_a_templated_message_with_a_lone_surrogate_is_a_400_and_never_sent(app, llama, client):
+    warmer(app).check()
+    raw = b'{"messages": [{"role": "user", "content": "@code why \\ud800"}]}'
+
+    answer = client.post("/v1/chat/completions", data=raw)
+
+    assert answer.status_code == 400
+    assert answer.json["error"]["code"] == "bad_request"
+    assert llama.chats == []
+    assert warmer(app).scheduler.busy == {}  # its slot was given back
