@@ -27,6 +27,7 @@ def test_defaults_when_the_default_file_is_absent(tmp_path):
 
     assert settings == Settings()
     assert (settings.proxy_port, settings.admin_port) == (8088, 8089)
+    assert settings.admin_host == settings.proxy_host == "127.0.0.1"  # loopback only
     assert settings.backend_url == "http://localhost:8081"
 
 

@@ -1,6 +1,7 @@
 """Warming, saving and restoring templates, against a fake llama-server."""
 
 import json
+import time
 from pathlib import Path
 
 import gevent
@@ -486,3 +487,29 @@ def test_a_templated_message_with_a_lone_surrogate_is_a_400_and_never_sent(app, 
     assert answer.json["error"]["code"] == "bad_request"
     assert llama.chats == []
     assert warmer(app).scheduler.busy == {}  # its slot was given back
+
+
+def test_failed_evaluations_are_retried_after_a_growing_pause(make_app, folder, llama):
+    app = make_app(prefixes={"@code": "code.txt"}, warmup_check_interval=10)
+    entry = warmer(app).entries["@code"]
+    calls = []
+
+    def refuse(body):
+        calls.append(body)
+        raise requests.ConnectionError("llama-server refused")
+
+    llama.on_completion = refuse
+    pauses = []
+    for _ in range(3):
+        before = len(calls)
+        warmer(app).check()
+        assert len(calls) == before + 1 and entry.state == "failed"
+        pauses.append(entry.retry_at - time.monotonic())
+        warmer(app).check()  # not due yet: no new try
+        assert len(calls) == before + 1
+        entry.retry_at = 0  # as if the pause had passed
+
+    assert [round(p) for p in pauses] == [20, 40, 80]
+    llama.on_completion = None
+    warmer(app).check()
+    assert entry.state == "warm" and entry.failures == 0
