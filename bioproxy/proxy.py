@@ -5,7 +5,7 @@ import logging
 import re
 import socket
 import time
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import gevent
 from flask import Blueprint, Response, current_app, g, request
@@ -34,8 +34,12 @@ class PassthroughResponse(Response):
 @bp.before_request
 def start_tracking():
     g.started = time.monotonic()
+    g.user, g.template, g.cache = False, None, None  # templated.forward sets the last two
     state = current_app.extensions["bioproxy"]
     state.metrics.in_flight.inc()
+    # Before anything else: a request without the key must not even hold warmups off.
+    if state.settings.api_key:
+        authorize(request, state.settings.api_key)
     # Work for the model comes as POST; probes and listings (GET) do not hold warmups off.
     g.user = request.method == "POST"
     if g.user:
@@ -49,12 +53,9 @@ def track_until_closed(response):
     metrics, warmer = state.metrics, state.warmer
     line = (request.remote_addr, request.method, request_target(request.environ))
     status, started, user = response.status_code, g.started, g.user
-    template = response.headers.get("X-Bioproxy-Template", "")
-    cache = response.headers.get("X-Bioproxy-Cache", "-")
+    template, cache = g.template or "", g.cache or "-"
     if response.mimetype == "text/event-stream" and status == 200:
-        response.response = first_chunk_timed(
-            response.response, started, metrics, unquote(template)
-        )
+        response.response = first_chunk_timed(response.response, started, metrics, template)
 
     def done():
         metrics.in_flight.dec()
@@ -96,8 +97,6 @@ def forward(path):
     """Forward the request as it came and stream llama.cpp's answer back."""
     state = current_app.extensions["bioproxy"]
     settings = state.settings
-    if settings.api_key:
-        authorize(request, settings.api_key)
     if state.warmer.entries and request.method == "POST" and SLOT_ACTION.fullmatch(request.path):
         # Clients could erase the warm slots or overwrite bioproxy's saved files.
         raise SlotApiReserved(
@@ -145,7 +144,7 @@ class ClientWatch:
 
     def stop(self):
         if self.greenlet is not None:
-            self.greenlet.kill()
+            self.greenlet.kill(block=False)
 
     def _watch(self):
         try:

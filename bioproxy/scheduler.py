@@ -73,6 +73,8 @@ class Scheduler:
         # gunicorn worker draining during a reload, a request that ran on after its client
         # left, or a client of llama-server's own. Kept free of new work until idle.
         self.foreign = set()
+        self.releases = 0  # slots released so far
+        self.released = {}  # slot -> the value of releases when it was last released
         self.used = {}  # slot -> clock time it was last granted
         self.queue = []  # waiting Tickets, served by (priority, arrival)
         self.arrivals = itertools.count()
@@ -85,7 +87,9 @@ class Scheduler:
         ticket.arrived = self.clock()
         ticket.order = next(self.arrivals)
         waiting = sum(1 for t in self.queue if t.priority == USER)
-        if ticket.priority == USER and waiting >= self.max_queue and not self._free():
+        free = self._free()
+        runs_now = bool(free) and self.choose(ticket, free) is not None
+        if ticket.priority == USER and waiting >= self.max_queue and not runs_now:
             self._finish(ticket, FULL)
             return ticket
         self.queue.append(ticket)
@@ -99,9 +103,12 @@ class Scheduler:
             return
         if self.busy.get(ticket.slot) is ticket:
             del self.busy[ticket.slot]
-        held = self.clock() - ticket.granted_at
-        average = self.hold_seconds
-        self.hold_seconds = held if average is None else 0.8 * average + 0.2 * held
+        self.releases += 1
+        self.released[ticket.slot] = self.releases
+        if ticket.priority == USER:  # Retry-After speaks of requests, not warmups
+            held = self.clock() - ticket.granted_at
+            average = self.hold_seconds
+            self.hold_seconds = held if average is None else 0.8 * average + 0.2 * held
         ticket.outcome = RELEASED
         self.dispatch()
 
@@ -155,9 +162,18 @@ class Scheduler:
     def _free(self):
         return [s for s in range(self.slots.count) if s not in self.busy and s not in self.foreign]
 
-    def update_foreign(self):
-        """After a refresh of the slots: which are busy without bioproxy knowing why."""
-        self.foreign = {s for s in self.slots.processing if s not in self.busy}
+    def update_foreign(self, released_before=None):
+        """After a refresh of the slots: which are busy without bioproxy knowing why.
+
+        released_before: the value of `releases` when the refresh began. A slot released
+        since then may show in that snapshot as still processing its own request.
+        """
+        since = self.releases if released_before is None else released_before
+        self.foreign = {
+            s
+            for s in self.slots.processing
+            if s not in self.busy and self.released.get(s, 0) <= since
+        }
         self.dispatch()
 
     def _grant(self, ticket, slot):
@@ -227,7 +243,7 @@ class Scheduler:
             raise
         finally:
             if gone is not None:
-                watch.stop()
+                watch.stop()  # without blocking: a switch here could lose the granted slot
         if ticket.outcome == GRANTED:
             return ticket.slot
         if ticket.outcome == FULL:

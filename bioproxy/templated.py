@@ -1,12 +1,17 @@
 """Serving a request that uses a slot: its place in the queue, its slot, a template's cache."""
 
 import json
+import logging
 import string
 from urllib.parse import quote
+
+from flask import g
 
 from . import injection
 from .errors import TemplateBroken
 from .scheduler import USER, Ticket
+
+log = logging.getLogger(__name__)
 
 TAIL_BYTES = 16 * 1024
 
@@ -85,6 +90,7 @@ def _templated(state, entry, match, send, ticket):
     response = send(match.expand(template, slot), tail.watch)
     metrics.template_requests.labels(entry.prefix, cache).inc()
     entry.requests[cache] += 1
+    g.template, g.cache = entry.prefix, cache  # for the access log and the metrics
     # Header values are latin-1: a prefix beyond ASCII goes percent-encoded.
     response.headers["X-Bioproxy-Template"] = quote(entry.prefix, safe=string.punctuation)
     response.headers["X-Bioproxy-Cache"] = cache
@@ -93,7 +99,8 @@ def _templated(state, entry, match, send, ticket):
         try:
             timings = tail.timings() or {}
             reused, evaluated = timings.get("cache_n"), timings.get("prompt_n")
-            if isinstance(reused, int) and isinstance(evaluated, int):
+            counts = (reused, evaluated)
+            if all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
                 metrics.tokens_reused.labels(entry.prefix).inc(reused)
                 metrics.tokens_evaluated.labels(entry.prefix).inc(evaluated)
         finally:
@@ -118,6 +125,11 @@ def release(warmer, ticket, digest=None):
             slots.mark(ticket.slot, entry.prefix, digest)
         else:
             slots.forget(ticket.slot)
+    except Exception:
+        # Runs as a response's close callback: one that raises would skip the ones after
+        # it (the request's own bookkeeping). The slot is then simply not known to hold it.
+        log.exception("bookkeeping of slot %d failed", ticket.slot)
+        slots.forget(ticket.slot)
     finally:
         warmer.scheduler.release(ticket)
 

@@ -104,6 +104,10 @@ class Warmer:
         self.recent = deque(maxlen=RECENT_WARMUPS)  # their outcomes, newest last
         self.wake = Event()
         self.greenlet = None
+        # Warmups run in their own greenlets, so that a pass (reloading templates, reading
+        # llama-server's slots) never waits for one: a warmup may wait long for a slot.
+        self.pool = Pool(self.concurrency)
+        self.warming = set()  # prefixes with a warmup greenlet
         for prefix in list(self.registry.entries):
             if prefix not in self.entries:
                 self.registry.forget(prefix)  # a template no longer configured
@@ -121,12 +125,16 @@ class Warmer:
         for evaluation in list(self.evaluations):
             evaluation.cancel()  # closes its connection, so llama-server stops too
         self.greenlet.kill()
+        self.pool.kill()
+        # No pass will read the slots again: what llama-server was busy with is not known.
+        self.scheduler.foreign.clear()
+        self.scheduler.dispatch()
         log.info("warmer stopped")
 
     def run(self):
         while True:
             try:
-                self.check()
+                self.check(wait=False)
             except Exception:
                 log.exception("warmup pass failed")
             # Look again soon while llama-server is down (requests go unscheduled until it
@@ -141,9 +149,14 @@ class Warmer:
         entry.state, entry.forced = "stale", True
         self.wake.set()
 
-    def check(self):
-        """One pass: re-read the templates, look at llama-server, warm what needs it."""
+    def check(self, wait=True):
+        """One pass: re-read the templates, look at llama-server, warm what needs it.
+
+        wait: return only once the warmups it started have ended (the tests' way); the
+        watcher's loop does not wait, and skips templates whose warmup is still going.
+        """
         self.reload()
+        released = self.scheduler.releases
         try:
             restarted = self.slots.refresh()
         except BackendError as e:
@@ -157,11 +170,13 @@ class Warmer:
                 if entry.template is not None:
                     entry.state = "stale"
         self.backend_was_down = False
-        self.scheduler.update_foreign()  # also serves the queue if the slot count grew
-        pool = Pool(self.concurrency)
+        self.scheduler.update_foreign(released)  # also serves the queue if slots were added
         for entry in self.due():
-            pool.spawn(self.warm_logged, entry)
-        pool.join()
+            if entry.prefix not in self.warming:
+                self.warming.add(entry.prefix)
+                self.pool.spawn(self.warm_logged, entry)
+        if wait:
+            self.pool.join()
 
     def describe_warmups(self):
         """The evaluations under way and the templates waiting for a warmup."""
@@ -224,6 +239,8 @@ class Warmer:
             self.warm(entry)
         except Exception:
             log.exception("warming template %s failed", entry.prefix)
+        finally:
+            self.warming.discard(entry.prefix)
 
     def warm(self, entry):
         """Make a template's cache warm in a slot and saved: restore it, else evaluate it."""
@@ -253,6 +270,10 @@ class Warmer:
         self.users -= 1
         if self.users == 0:
             self.idle.set()
+            if any(
+                e.state == "stale" and e.prefix not in self.warming for e in self.entries.values()
+            ):
+                self.wake.set()  # a warmup that gave way resumes now, not at the next pass
 
     def cancel_warmup(self):
         """Shut the running evaluations' connections down, so llama-server stops them."""

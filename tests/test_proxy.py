@@ -406,3 +406,24 @@ def test_refused_and_timed_out_requests_are_not_sent_twice(client):
     client.post("/b", data=b"{}")
 
     assert [c.request.url for c in responses.calls] == [f"{BACKEND}/a", f"{BACKEND}/b"]
+
+
+@responses.activate
+def test_a_request_without_the_key_does_not_hold_warmups_off(make_app):
+    class Evaluation:  # a warmup under way
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    app = make_app(api_key="k")
+    warmer = app.extensions["bioproxy"].warmer
+    warmer.evaluations.add(running := Evaluation())
+
+    answer = app.test_client().post("/v1/chat/completions", data=b"{}")
+    answer.close()
+
+    assert answer.status_code == 401
+    assert not running.cancelled
+    assert warmer.users == 0 and warmer.idle.is_set()
+    assert app.extensions["bioproxy"].metrics.in_flight._value.get() == 0

@@ -325,3 +325,34 @@ def test_random_traffic_never_shares_a_slot_and_serves_in_order(count):
         assert all(scheduler.clock.now - t.arrived < 5 for t in waiting_users)
     users = [t for t in served if t.priority == USER]
     assert [t.order for t in users] == sorted(t.order for t in users)  # first come, first served
+
+
+def test_a_slot_released_during_a_refresh_is_not_taken_for_foreign_work():
+    scheduler = make(count=2)
+    mine = scheduler.submit(user())  # slot 0
+    before = scheduler.releases  # a refresh begins: GET /slots shows slot 0 processing
+    scheduler.slots.processing = {0}
+    scheduler.release(mine)  # ... and the request ends before the answer is read
+
+    scheduler.update_foreign(before)
+
+    assert scheduler.foreign == set()
+    scheduler.update_foreign()  # a later refresh that still sees it busy: foreign
+    assert scheduler.foreign == {0}
+
+
+def test_with_no_queue_a_request_for_a_busy_named_slot_is_refused():
+    scheduler = make(count=2, max_queue=0)
+    scheduler.submit(user(slot=0))
+
+    assert scheduler.submit(user(slot=0)).outcome == FULL
+    assert scheduler.submit(user(slot=1)).outcome == GRANTED
+
+
+def test_retry_after_is_about_requests_not_warmups():
+    scheduler = make(count=1, max_queue=10)
+    warmup = scheduler.submit(Ticket(WARMUP, "@a"))
+    scheduler.clock.now += 50
+    scheduler.release(warmup)
+
+    assert scheduler.retry_after() == 1
