@@ -8,13 +8,22 @@ import time
 from urllib.parse import quote
 
 import gevent
+import urllib3
 from flask import Blueprint, Response, current_app, g, request
 from gevent.event import Event
 from gevent.socket import wait_read
 
 from . import injection, templated
 from . import upstream as upstream_module
-from .errors import RequestTooLarge, SlotApiReserved, Unauthorized, UpstreamCut, UpstreamError
+from .errors import (
+    RequestTooLarge,
+    SlotApiReserved,
+    Unauthorized,
+    UpstreamCut,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from .metrics import METHODS
 
 bp = Blueprint("proxy", __name__)
@@ -171,7 +180,17 @@ def passthrough(answer, metrics, watch=None):
 
     watch, if given, wraps the body's chunks on their way (to read llama.cpp's timings).
     """
-    chunks = stream_body(answer, metrics)
+    body = upstream_module.iter_body(answer)
+    # The first chunk is read before the response starts: gunicorn sends the headers only
+    # with it anyway, and a failure here can still be answered with a clear error instead
+    # of a connection closed without a response.
+    try:
+        first = next(body, b"")
+    except UpstreamCut as e:
+        error = _first_chunk_error(e)
+        metrics.upstream_errors.labels(error.code).inc()
+        raise error from e
+    chunks = stream_body(first, body, metrics)
     response = PassthroughResponse(
         watch(chunks) if watch else chunks,
         status=answer.status_code,
@@ -185,13 +204,26 @@ def passthrough(answer, metrics, watch=None):
     return response
 
 
-def stream_body(answer, metrics):
+def stream_body(first, body, metrics):
     """The upstream body as it arrives, counting a cut-off as an upstream error."""
     try:
-        yield from upstream_module.iter_body(answer)
+        if first:
+            yield first
+        yield from body
     except UpstreamCut:
         metrics.upstream_errors.labels("upstream_cut").inc()
         raise
+    finally:
+        body.close()
+
+
+def _first_chunk_error(cut):
+    """The error to answer when llama.cpp's body failed before its first byte."""
+    if isinstance(cut.__cause__, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+        return UpstreamTimeout(
+            "llama.cpp sent its response headers, then nothing within upstream_timeout"
+        )
+    return UpstreamUnavailable(f"llama.cpp failed before its response body: {cut.strerror}")
 
 
 def read_body(req, limit):
