@@ -103,6 +103,15 @@ class Bioproxy:
             if sample.name == name and labels.items() <= sample.labels.items()
         )
 
+    def settled(self):
+        """Whether the queue is empty and every slot idle, per the admin port's /status.
+
+        A response's slot is given back when the server closes it, a moment after the
+        client has read the last byte: wait for this rather than assert it at once.
+        """
+        status = requests.get(self.admin_url + "/status", timeout=5).json()
+        return not status["queue"] and all(s["state"] == "idle" for s in status["slots"])
+
     def log(self):
         with open(self.log_path, errors="replace") as f:
             return f.read()

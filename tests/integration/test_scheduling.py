@@ -103,9 +103,7 @@ def test_concurrent_mixed_traffic_gets_the_answers_of_an_uncached_server(mixed):
             assert answer.headers["X-Bioproxy-Cache"] in ("slot", "restored")
             assert body["timings"]["cache_n"] > 200, (prefix, body["timings"])
     assert proxy.metric("bioproxy_queue_wait_seconds_count") >= len(answers)
-    status = requests.get(proxy.admin_url + "/status", timeout=5).json()
-    assert [slot["state"] for slot in status["slots"]] == ["idle", "idle"]
-    assert status["queue"] == []
+    wait_until(proxy.settled, timeout=5, what="every slot idle, the queue empty")
 
 
 def long_stream(url):
@@ -218,7 +216,6 @@ def test_eight_slots_serve_concurrent_templated_and_plain_requests(tmp_path):
             if content.startswith("@"):
                 assert answer.headers["X-Bioproxy-Cache"] in ("slot", "restored"), content
                 assert answer.json()["timings"]["cache_n"] > 200, content
-        slots = status(proxy)["slots"]
-        assert [s["id"] for s in slots] == list(range(8))
-        assert {s["state"] for s in slots} == {"idle"}
-        assert proxy.metric("bioproxy_slots") == 8
+        assert [s["id"] for s in status(proxy)["slots"]] == list(range(8))
+        wait_until(proxy.settled, timeout=5, what="every slot idle, the queue empty")
+        assert proxy.metric("bioproxy_slots", state="idle") == 8
