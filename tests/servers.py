@@ -1,11 +1,13 @@
 """Real servers on free loopback ports, for the integration tests and the benchmarks."""
 
+import http.server
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import requests
@@ -19,6 +21,35 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class JSONHandler(http.server.BaseHTTPRequestHandler):
+    """Base of the tests' tiny HTTP servers (fake backends): JSON answers, no request log."""
+
+    def send_json(self, value, status=200, content_type="application/json"):
+        """Answer value as JSON (bytes are sent as they are), with its Content-Length."""
+        data = value if isinstance(value, bytes) else json.dumps(value).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve_http(handler, backlog=64):
+    """The handler served on a free loopback port from a thread; call shutdown() after."""
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = backlog  # read when the server starts listening
+
+    server = Server(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    return server
 
 
 class Bioproxy:

@@ -1,49 +1,36 @@
 """The slot API's own timeout, against a real (tiny) server whose restore hangs."""
 
-import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from bioproxy.slots import Slots
 from bioproxy.upstream import BackendError, Upstream
+from tests.servers import JSONHandler, serve_http
 
 
-class BusySlotServer(BaseHTTPRequestHandler):
+class BusySlotServer(JSONHandler):
     """Answers /props and /slots at once; a restore waits as if the slot were busy."""
 
     release = threading.Event()
 
     def do_GET(self):
         if self.path == "/props":
-            self.answer({"model_path": "m.gguf", "build_info": "b1", "total_slots": 1})
+            self.send_json({"model_path": "m.gguf", "build_info": "b1", "total_slots": 1})
         else:
-            self.answer([{"id": 0, "n_ctx": 4096, "id_task": 3, "is_processing": True}])
+            self.send_json([{"id": 0, "n_ctx": 4096, "id_task": 3, "is_processing": True}])
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         self.release.wait(30)
-        self.answer({"id_slot": 0, "n_restored": 10})
-
-    def answer(self, body):
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.send_json({"id_slot": 0, "n_restored": 10})
 
 
 @pytest.fixture
 def busy_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BusySlotServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server = serve_http(BusySlotServer)
+    yield server.url
     BusySlotServer.release.set()
     server.shutdown()
 

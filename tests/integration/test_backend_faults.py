@@ -4,16 +4,14 @@ Each case: the exact outcome for the client, in bounded time, and a next request
 succeeds once the network behaves again.
 """
 
-import http.server
 import json
-import threading
 import time
 
 import pytest
 import requests
 
 from tests.faultproxy import FaultProxy
-from tests.servers import Bioproxy
+from tests.servers import Bioproxy, JSONHandler, serve_http
 
 TIMEOUT = 3  # bioproxy's upstream_timeout here: short, with room for a busy machine
 CHAT = {"messages": [{"role": "user", "content": "Count to twenty."}], "max_tokens": 24}
@@ -123,36 +121,25 @@ def test_a_slow_network_delays_but_loses_nothing(faulty):
     assert body.rstrip().endswith(b"data: [DONE]")
 
 
-class Loading(http.server.BaseHTTPRequestHandler):
+class Loading(JSONHandler):
     """llama-server while it loads its model: 503 to everything."""
 
     body = json.dumps(
         {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
     ).encode()
 
-    def answer(self):
-        self.send_response(503)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        self.wfile.write(self.body)
-
     def do_GET(self):
-        self.answer()
+        self.send_json(self.body, 503, "application/json; charset=utf-8")
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.answer()
-
-    def log_message(self, *args):
-        pass
+        self.do_GET()
 
 
 def test_a_loading_model_s_503_passes_through_and_health_says_loading(tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Loading)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_http(Loading)
     try:
-        with Bioproxy(f"http://127.0.0.1:{server.server_address[1]}", tmp_path) as bioproxy:
+        with Bioproxy(server.url, tmp_path) as bioproxy:
             answer = post(bioproxy)
             health = requests.get(bioproxy.admin_url + "/health", timeout=5)
     finally:

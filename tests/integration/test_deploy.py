@@ -1,16 +1,13 @@
 """deploy/nginx/bioproxy.conf, in Debian's nginx, in front of bioproxy and llama-server."""
 
-import http.server
-import json
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 import requests
 
 from tests.integration.sse import assert_incremental, timed_reads
-from tests.servers import Nginx, free_port
+from tests.servers import JSONHandler, Nginx, free_port, serve_http
 
 SITE = Path(__file__).parents[2] / "deploy" / "nginx" / "bioproxy.conf"
 
@@ -59,26 +56,17 @@ def test_nginx_refuses_bodies_over_bioproxy_s_limit(nginx):
     assert answer.status_code == 413
 
 
-class EchoHandler(http.server.BaseHTTPRequestHandler):
+class EchoHandler(JSONHandler):
     """Answers with what it was sent: the request line's version and the headers."""
 
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
-        body = json.dumps({"version": self.request_version, "headers": dict(self.headers)})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body.encode())
-
-    def log_message(self, *args):
-        pass
+        self.send_json({"version": self.request_version, "headers": dict(self.headers)})
 
 
 def test_nginx_passes_the_client_address_over_http_1_1_keepalive(tmp_path):
-    echo = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
-    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    echo = serve_http(EchoHandler)
     port = free_port()
     site = SITE.read_text().replace("listen 80;", f"listen 127.0.0.1:{port};")
     site = site.replace("127.0.0.1:8088", f"127.0.0.1:{echo.server_address[1]}")

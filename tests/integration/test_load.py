@@ -5,11 +5,9 @@ at once, then thousands of requests with aborted streams among them, after which
 worker's open files and memory must come back to where they were.
 """
 
-import http.server
 import json
 import os
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,12 +15,12 @@ import pytest
 import requests
 
 from tests.integration.test_templates import wait_until
-from tests.servers import Bioproxy
+from tests.servers import Bioproxy, JSONHandler, serve_http
 
 SLOTS = 8
 
 
-class FastLlama(http.server.BaseHTTPRequestHandler):
+class FastLlama(JSONHandler):
     """Enough of llama-server for bioproxy: its slots, and chat streams that echo the client.
 
     Each event carries the client's message, so an answer sent to the wrong client shows.
@@ -33,16 +31,16 @@ class FastLlama(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/props":
-            self.json({"total_slots": SLOTS, "model_path": "fake.gguf", "build_info": "fake"})
+            self.send_json({"total_slots": SLOTS, "model_path": "fake.gguf", "build_info": "fake"})
         elif self.path == "/slots":
-            self.json(
+            self.send_json(
                 [
                     {"id": i, "id_task": -1, "is_processing": False, "n_ctx": 4096}
                     for i in range(SLOTS)
                 ]
             )
         else:
-            self.json({"status": "ok"})
+            self.send_json({"status": "ok"})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -68,25 +66,11 @@ class FastLlama(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
-    def json(self, value):
-        data = json.dumps(value).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FastLlama)
-    server.daemon_threads = True
-    server.request_queue_size = 512
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    backend = f"http://127.0.0.1:{server.server_address[1]}"
+    server = serve_http(FastLlama, backlog=512)
+    backend = server.url
     config = {"queue_max_length": 1000, "warmup_check_interval": 0.5}
     with Bioproxy(backend, tmp_path_factory.mktemp("load"), config) as proxy:
         wait_until(
