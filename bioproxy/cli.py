@@ -11,8 +11,6 @@ import requests
 
 from . import config, llamacpp
 
-log = logging.getLogger("bioproxy")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

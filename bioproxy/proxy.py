@@ -112,7 +112,7 @@ def forward(path):
             "llama-server's slot actions are reserved to bioproxy, which "
             "manages the slots for its templates"
         )
-    body = read_body(request, state.settings.max_request_bytes)
+    body = read_body(request, settings.max_request_bytes)
     # The client's key is bioproxy's own when api_key is set; llama-server's key, if any,
     # is added by the upstream.
     owned = upstream_module.REQUEST_OWNED | (
@@ -130,7 +130,7 @@ def forward(path):
     if request.method == "POST" and request.path in SLOTTED_PATHS:
         # Evaluates a prompt: it waits for a slot of its own.
         watch = ClientWatch(request.environ)
-        return templated.forward(state, request.path, body, match, send, watch)
+        return templated.forward(state, body, match, send, watch)
     return send(body)
 
 

@@ -42,7 +42,7 @@ class Tail:
         return timings if isinstance(timings, dict) else None
 
 
-def forward(state, path, raw, match, send, watch=None):
+def forward(state, raw, match, send, watch=None):
     """Forward a request that makes llama-server evaluate a prompt, in a slot bioproxy chose.
 
     The request waits in the scheduler's queue for a slot and is pinned to it; a templated
