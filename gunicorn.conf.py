@@ -43,7 +43,9 @@ preload_app = False
 # must wait longer than that before it kills (deploy/systemd waits 75 s).
 timeout = 30
 graceful_timeout = 60
-keepalive = 5
+# The gevent worker gives a connection `keepalive` seconds to deliver each request's line
+# and headers, the first one's included: a client that trickles them is cut then.
+keepalive = _settings.client_header_timeout
 
 # Logging: to stderr, where a service manager collects it. bioproxy writes its own
 # access line per request (logger bioproxy.access) when the response has been sent, so

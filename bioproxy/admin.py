@@ -1,16 +1,50 @@
 """The admin port: bioproxy's own health and Prometheus metrics."""
 
+import ipaddress
 import time
 from importlib import resources
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import NotFound
 
+from .errors import CrossSiteRequest
 from .metrics import do_not_track
 
 bp = Blueprint("admin", __name__)
 bp.before_request(do_not_track)
+
+
+@bp.before_request
+def refuse_posts_from_web_pages():
+    """Actions come from tools, or from the status page itself; not from any web page.
+
+    A page on another site, open in a browser on this machine, could otherwise POST here
+    (forms need no CORS preflight), or reach this port under its own name by pointing
+    that name at 127.0.0.1 (DNS rebinding). Browsers say where a request comes from in
+    Origin; tools like curl send none.
+    """
+    origin = request.headers.get("Origin")
+    if request.method != "POST" or origin is None:
+        return
+    own = origin == request.host_url.rstrip("/")
+    if not own or not _is_address_or_localhost(urlsplit(origin).hostname):
+        raise CrossSiteRequest(
+            f"the admin port takes actions from tools (no Origin header) or its own page, "
+            f"not from {origin}"
+        )
+
+
+def _is_address_or_localhost(host):
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    return True
+
 
 # The status page: one self-contained file that reads the JSON endpoints below.
 STATUS_PAGE = resources.files(__package__).joinpath("status_page.html").read_bytes()

@@ -28,6 +28,10 @@ class Settings:
     prefixes: dict = dataclasses.field(default_factory=dict)
     # Limits and timeouts of the proxy.
     max_request_bytes: int = 8 * 1024 * 1024
+    # Slow clients: whole seconds to send a request's line and headers (and how long an
+    # idle keep-alive connection stays open), then seconds to send its body.
+    client_header_timeout: int = 5
+    client_body_timeout: float = 60.0
     connect_timeout: float = 3.0
     upstream_timeout: float = 600.0
     health_timeout: float = 2.0

@@ -29,16 +29,34 @@ class Unauthorized(BioproxyError):
     code = "invalid_api_key"
 
 
+class CrossSiteRequest(BioproxyError):
+    status = 403
+    type = "permission_error"
+    code = "cross_site_request"
+
+
 class SlotApiReserved(BioproxyError):
     status = 403
     type = "permission_error"
     code = "slot_api_reserved"
 
 
+class RequestTimeout(BioproxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class RequestTooLarge(BioproxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedMediaType(BioproxyError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class TemplateBroken(BioproxyError):

@@ -92,6 +92,11 @@ class LlamaServer:
             "-c",
             str(self.context),
             "--metrics",
+            # llama-server stops work for a client that left only between two batches:
+            # at its default of 2,048 tokens that is up to ~10 s of prompt reading on a
+            # small CPU, at 256 about a second (and no slower: measured on this model).
+            "-b",
+            "256",
         ]
         if self.slot_save_path:
             args += ["--slot-save-path", self.slot_save_path]

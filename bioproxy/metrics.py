@@ -1,10 +1,12 @@
 """Prometheus metrics: the exporter's request metrics plus bioproxy's own."""
 
+import gc
 import re
 import time
 from collections import deque
 
 from flask import request
+from greenlet import greenlet
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_flask_exporter import PrometheusMetrics
 
@@ -51,6 +53,11 @@ KNOWN_PATHS = frozenset(
 SLOT_PATH = re.compile(r"/slots/\d+")
 
 
+def count_greenlets():
+    # Dead ones linger until the garbage collector's next pass: not counted.
+    return sum(1 for item in gc.get_objects() if isinstance(item, greenlet) and not item.dead)
+
+
 def endpoint(req):
     """The metrics label for a request's path: a llama-server endpoint, or "other"."""
     path = req.path
@@ -87,6 +94,13 @@ class Metrics:
             "Proxied requests whose response has not yet been fully sent.",
             registry=self.registry,
         )
+        # Counted when scraped, by a walk over the heap (a few ms): greenlets that keep
+        # growing under a steady load are a leak (connections, streams, watches, warmups).
+        Gauge(
+            f"{PREFIX}_greenlets",
+            "Greenlets alive in the worker: one per open connection, plus bioproxy's own.",
+            registry=self.registry,
+        ).set_function(count_greenlets)
         self.queue_length = Gauge(
             f"{PREFIX}_queue_length",
             "User requests waiting for a llama-server slot.",

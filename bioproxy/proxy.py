@@ -5,6 +5,7 @@ import logging
 import re
 import socket
 import time
+from contextlib import contextmanager
 from urllib.parse import quote
 
 import gevent
@@ -16,9 +17,12 @@ from gevent.socket import wait_read
 from . import injection, templated
 from . import upstream as upstream_module
 from .errors import (
+    ClientGone,
+    RequestTimeout,
     RequestTooLarge,
     SlotApiReserved,
     Unauthorized,
+    UnsupportedMediaType,
     UpstreamCut,
     UpstreamError,
     UpstreamTimeout,
@@ -32,12 +36,26 @@ access_log = logging.getLogger("bioproxy.access")
 SLOT_ACTION = re.compile(r"/slots/[^/]+")
 # The endpoints that evaluate a prompt in a slot (they take "id_slot").
 SLOTTED_PATHS = injection.CHAT_PATHS | injection.COMPLETION_PATHS | {"/infill"}
+# Their bodies are JSON, whatever the label; llama-server reads them all as JSON, and so
+# bioproxy accepts what common clients send: none, JSON, curl -d's form type, and the
+# text/plain of a browser's fetch() with a string body. Other labels (multipart forms,
+# XML, ...) are a client's mistake.
+JSON_TYPES = frozenset({"", "application/json", "application/x-www-form-urlencoded", "text/plain"})
 
 
 class PassthroughResponse(Response):
     """A response that adds no Content-Type of its own when llama.cpp sent none."""
 
     default_mimetype = None
+
+    def __call__(self, environ, start_response):
+        try:
+            return super().__call__(environ, start_response)
+        except BaseException:
+            # The server refused to start it (a header it cannot send): it will never
+            # close this body, so run the close callbacks (slot, counters) now.
+            self.close()
+            raise
 
 
 @bp.before_request
@@ -112,7 +130,7 @@ def forward(path):
             "llama-server's slot actions are reserved to bioproxy, which "
             "manages the slots for its templates"
         )
-    body = read_body(request, settings.max_request_bytes)
+    body = read_body(request, settings.max_request_bytes, settings.client_body_timeout)
     # The client's key is bioproxy's own when api_key is set; llama-server's key, if any,
     # is added by the upstream.
     owned = upstream_module.REQUEST_OWNED | (
@@ -122,12 +140,17 @@ def forward(path):
     headers += forwarded_headers(request, settings.trust_forwarded_for)
     target = request_target(request.environ)
 
-    def send(body, watch=None):
+    def send(body, wrap=None):
         answer = send_upstream(state, request.method, target, headers, body)
-        return passthrough(answer, state.metrics, watch)
+        return passthrough(answer, state.metrics, wrap)
 
+    slotted = request.method == "POST" and request.path in SLOTTED_PATHS
+    if slotted and request.mimetype not in JSON_TYPES and not request.mimetype.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"a {request.path} body is JSON: send it as application/json, not {request.mimetype}"
+        )
     match = injection.find(request.method, request.path, body, state.warmer.entries)
-    if request.method == "POST" and request.path in SLOTTED_PATHS:
+    if slotted:
         # Evaluates a prompt: it waits for a slot of its own.
         watch = ClientWatch(request.environ)
         return templated.forward(state, body, match, send, watch)
@@ -135,35 +158,52 @@ def forward(path):
 
 
 class ClientWatch:
-    """Notices a client closing its connection while its request waits for a slot.
+    """Notices a client closing its connection before its answer starts.
 
-    Under gunicorn only (it needs the client's socket): a greenlet waits for the socket
-    to turn readable and peeks; no bytes means the client closed. Bytes (the client's
-    next request) mean it is still there, and the watch ends.
+    A request may wait long before llama.cpp sends a byte: for a slot, while llama-server
+    reads a long prompt, or for a whole non-streamed answer. Nothing is written to the
+    client meanwhile, so its leaving would go unseen, and llama-server would go on
+    working for nobody. Under gunicorn only (it needs the client's socket): a greenlet
+    waits for the socket to turn readable and peeks; no bytes means the client closed.
+    Bytes (the client's next request) mean it is still there, and the watch ends.
     """
 
     def __init__(self, environ):
         self.socket = environ.get("gunicorn.socket")
         self.gone = Event()
         self.greenlet = None
+        self.guarded = None  # the greenlet to interrupt when the client leaves
 
-    def start(self):
-        if self.socket is not None and self.greenlet is None:
-            self.greenlet = gevent.spawn(self._watch)
-
-    def stop(self):
-        if self.greenlet is not None:
-            self.greenlet.kill(block=False)
+    @contextmanager
+    def guard(self):
+        """While inside, the client leaving raises ClientGone in this greenlet's next wait."""
+        if self.socket is None:
+            yield
+            return
+        self.guarded = gevent.getcurrent()
+        self.greenlet = gevent.spawn(self._watch)
+        try:
+            yield
+        finally:
+            self.guarded = None
+            self.greenlet.kill(block=False)  # without a switch, which could interrupt us
 
     def _watch(self):
         try:
             wait_read(self.socket.fileno())
-            if not self.socket.recv(1, socket.MSG_PEEK):
-                self.gone.set()
+            if self.socket.recv(1, socket.MSG_PEEK):
+                return
         except ValueError:
             return  # a TLS socket cannot peek: it cannot be watched
         except OSError:
-            self.gone.set()
+            pass
+        self.gone.set()
+        # Raised from the hub, as gevent.Timeout does: the guarded greenlet is waiting.
+        gevent.get_hub().loop.run_callback(self._interrupt)
+
+    def _interrupt(self):
+        if self.guarded is not None:
+            self.guarded.throw(ClientGone("the client closed its connection before its answer"))
 
 
 def send_upstream(state, method, target, headers, body):
@@ -175,10 +215,10 @@ def send_upstream(state, method, target, headers, body):
         raise
 
 
-def passthrough(answer, metrics, watch=None):
+def passthrough(answer, metrics, wrap=None):
     """A response that streams llama.cpp's answer back as it arrives.
 
-    watch, if given, wraps the body's chunks on their way (to read llama.cpp's timings).
+    wrap, if given, wraps the body's chunks on their way (to read llama.cpp's timings).
     """
     body = upstream_module.iter_body(answer)
     # The first chunk is read before the response starts: gunicorn sends the headers only
@@ -192,7 +232,7 @@ def passthrough(answer, metrics, watch=None):
         raise error from e
     chunks = stream_body(first, body, metrics)
     response = PassthroughResponse(
-        watch(chunks) if watch else chunks,
+        wrap(chunks) if wrap else chunks,
         status=answer.status_code,
         # From urllib3's headers, which keep repeated ones (Set-Cookie) apart.
         headers=upstream_module.end_to_end(
@@ -226,14 +266,18 @@ def _first_chunk_error(cut):
     return UpstreamUnavailable(f"llama.cpp failed before its response body: {cut.strerror}")
 
 
-def read_body(req, limit):
-    """The whole request body, or RequestTooLarge past limit bytes."""
+def read_body(req, limit, timeout):
+    """The whole request body; RequestTooLarge past limit bytes, RequestTimeout after timeout s."""
     too_large = RequestTooLarge(f"request body is larger than max_request_bytes ({limit} bytes)")
     if req.content_length is not None and req.content_length > limit:
         raise too_large
+    late = RequestTimeout(
+        f"the request body did not arrive within client_body_timeout ({timeout:g} s)"
+    )
     # gunicorn marks its input as terminated, so Werkzeug does not limit a chunked
     # body (one without Content-Length): read one byte past the limit to catch it.
-    body = req.stream.read(limit + 1)
+    with gevent.Timeout(timeout, late):
+        body = req.stream.read(limit + 1)
     if len(body) > limit:
         raise too_large
     return body

@@ -54,12 +54,17 @@ class Registry:
             self._delete(old["file"])
         return entry
 
-    def forget(self, prefix):
-        """Drop a template's entry and its file (removed template, or a file that failed)."""
-        old = self.entries.pop(prefix, None)
-        if old:
-            self._write()
-            self._delete(old["file"])
+    def forget(self, prefix, file=None):
+        """Drop a template's entry and its file (removed template, or a file that failed).
+
+        file: only if the entry still names that file (another save may have replaced it).
+        """
+        old = self.entries.get(prefix)
+        if not old or (file is not None and old["file"] != file):
+            return
+        del self.entries[prefix]
+        self._write()
+        self._delete(old["file"])
 
     def _delete(self, name):
         # Only possible when llama-server's slot folder is on this machine and known; and

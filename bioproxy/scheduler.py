@@ -97,12 +97,18 @@ class Scheduler:
         self.dispatch()
         return ticket
 
-    def release(self, ticket):
-        """Give a granted ticket's slot back; the next waiting ticket may take it."""
+    def release(self, ticket, drain=False):
+        """Give a granted ticket's slot back; the next waiting ticket may take it.
+
+        drain: llama-server may still be busy there (the request ended before its answer
+        did), so the slot counts as foreign until update_foreign() sees it idle.
+        """
         if ticket.outcome != GRANTED:
             return
         if self.busy.get(ticket.slot) is ticket:
             del self.busy[ticket.slot]
+            if drain:
+                self.foreign.add(ticket.slot)
         self.releases += 1
         self.released[ticket.slot] = self.releases
         if ticket.priority == USER:  # Retry-After speaks of requests, not warmups
@@ -212,19 +218,15 @@ class Scheduler:
 
     # Waiting, with gevent.
 
-    def acquire(self, ticket, watch=None):
+    def acquire(self, ticket, gone=None):
         """Wait for the ticket's slot and return it.
 
         Raises QueueFull or QueueTimeout for a user request that cannot have one, and
-        ClientGone when its client leaves while it waits: watch, if given, is started
-        once the ticket is queued and sets watch.gone then. Warmups wait as long as it
-        takes. The caller must release() the ticket once done with the slot.
+        ClientGone when its client leaves while it waits (gone, an Event, is set then).
+        Warmups wait as long as it takes. The caller must release() the ticket once done
+        with the slot.
         """
         self.submit(ticket)
-        gone = None
-        if watch is not None and ticket.outcome == QUEUED:
-            watch.start()
-            gone = watch.gone
         try:
             while ticket.outcome == QUEUED:
                 timeout = None
@@ -241,9 +243,6 @@ class Scheduler:
             self.leave(ticket, GONE)
             self.release(ticket)
             raise
-        finally:
-            if gone is not None:
-                watch.stop()  # without blocking: a switch here could lose the granted slot
         if ticket.outcome == GRANTED:
             return ticket.slot
         if ticket.outcome == FULL:

@@ -53,11 +53,17 @@ class Slots:
             return False
         return True
 
-    def mark(self, slot, prefix, digest):
-        """Record that the slot now holds this template version (bioproxy just used it)."""
+    def mark(self, slot, prefix, digest, ran=False):
+        """Record that the slot now holds this template version (bioproxy just used it).
+
+        ran: bioproxy just ran a task there (an evaluation), so the slot must show one. A
+        slot that shows none belongs to a llama-server that restarted since: it is empty.
+        (A restore is not a task: a restored slot may show none.)
+        """
         task, busy = self._state(slot)
-        if task is None or busy:
-            # Unknown, or another request already runs there: it will replace the template.
+        if task is None or busy or (ran and task < 0):
+            # Unknown, another request already runs there (it will replace the template),
+            # or a new server's empty slot.
             self.held.pop(slot, None)
             return
         self.held[slot] = (prefix, digest, task)

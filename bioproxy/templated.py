@@ -3,25 +3,37 @@
 import json
 import logging
 import string
+from contextlib import nullcontext
 from urllib.parse import quote
 
 from flask import g
 
 from . import injection
-from .errors import TemplateBroken
-from .scheduler import USER, Ticket
+from .errors import RequestTooLarge, TemplateBroken
+from .scheduler import GRANTED, USER, Ticket
 
 log = logging.getLogger(__name__)
 
 TAIL_BYTES = 16 * 1024
 
 
-class Tail:
+class Progress:
+    """Whether a body streamed to its end (else llama-server may still be working on it)."""
+
+    def __init__(self):
+        self.complete = False
+
+    def watch(self, chunks):
+        yield from chunks
+        self.complete = True
+
+
+class Tail(Progress):
     """The last bytes of a body as it streams by, to read llama.cpp's timings at its end."""
 
     def __init__(self):
+        super().__init__()
         self.data = b""
-        self.complete = False
 
     def watch(self, chunks):
         for chunk in chunks:
@@ -47,8 +59,9 @@ def forward(state, raw, match, send, watch=None):
 
     The request waits in the scheduler's queue for a slot and is pinned to it; a templated
     one has its template expanded, in a slot that holds its cache when one can. raw is the
-    body as the client sent it, match the template found in it (or None). send(body, watch)
-    forwards a body and returns the streaming response.
+    body as the client sent it, match the template found in it (or None). send(body, wrap)
+    forwards a body and returns the streaming response. watch, a ClientWatch, ends the
+    request if its client leaves before the answer starts.
     """
     warmer = state.warmer
     entry = warmer.entries[match.prefix] if match else None
@@ -58,21 +71,26 @@ def forward(state, raw, match, send, watch=None):
         )
     body = match.body if match else _json_object(raw)
     ticket = _ticket(warmer.slots, body, match)
-    if ticket is None:
-        # Not one bioproxy can place (llama-server is down, or the body is not for it):
-        # forwarded as it is, llama-server answers.
-        if match is None:
-            return send(raw)
-        return _templated(state, entry, match, send, None)
-    slot = warmer.scheduler.acquire(ticket, watch)
     try:
-        if match is not None:
-            return _templated(state, entry, match, send, ticket)
-        response = send(_pin(raw, body, slot))
+        with watch.guard() if watch else nullcontext():
+            if ticket is None:
+                # Not one bioproxy can place (llama-server is down, or the body is not for
+                # it): forwarded as it is, llama-server answers.
+                if match is None:
+                    return send(raw)
+                return _templated(state, entry, match, send, None)
+            slot = warmer.scheduler.acquire(ticket, watch.gone if watch else None)
+            if match is not None:
+                return _templated(state, entry, match, send, ticket)
+            progress = Progress()
+            response = send(_pin(raw, body, slot), progress.watch)
     except BaseException:
-        release(warmer, ticket)
+        if ticket is not None and ticket.outcome == GRANTED:
+            # Maybe sent: llama-server may still be at work in the slot (it stops once it
+            # notices the closed connection, after the batch under way).
+            release(warmer, ticket, drain=True)
         raise
-    response.call_on_close(lambda: release(warmer, ticket))
+    response.call_on_close(lambda: release(warmer, ticket, drain=not progress.complete))
     return response
 
 
@@ -81,13 +99,22 @@ def _templated(state, entry, match, send, ticket):
     warmer, metrics = state.warmer, state.metrics
     template = entry.template
     slot = ticket.slot if ticket else None
+    body = match.expand(template, slot)
+    limit = state.settings.max_request_bytes
+    if len(body) > limit:
+        # Each <{message}> gets the whole message: the body to send can be several times
+        # the one received, and llama-server would spend seconds reading it to refuse it.
+        raise RequestTooLarge(
+            f"the request with template {entry.prefix} expanded is larger than "
+            f"max_request_bytes ({limit} bytes)"
+        )
     cache = "cold"
     if ticket is not None and ticket.template is not None:
         # A slot that held the template still does unless another task ran there since.
         held = warmer.slots.holds(slot, entry.prefix, template.digest)
         cache = "slot" if held else warmer.restore(entry, template, slot)
     tail = Tail()
-    response = send(match.expand(template, slot), tail.watch)
+    response = send(body, tail.watch)
     metrics.template_requests.labels(entry.prefix, cache).inc()
     entry.requests[cache] += 1
     g.template, g.cache = entry.prefix, cache  # for the access log and the metrics
@@ -106,18 +133,19 @@ def _templated(state, entry, match, send, ticket):
         finally:
             if ticket is not None:
                 ok = tail.complete and response.status_code == 200
-                release(warmer, ticket, template.digest if ok else None)
+                release(warmer, ticket, template.digest if ok else None, not tail.complete)
 
     response.call_on_close(done)
     return response
 
 
-def release(warmer, ticket, digest=None):
+def release(warmer, ticket, digest=None, drain=False):
     """After a request: its slot holds its template if given the digest it succeeded with.
 
     Any other request (plain, failed, cut off) leaves the slot holding nothing bioproxy
     can use. The bookkeeping comes before the slot is handed on: it reads /slots, which
-    must not yet show the next task.
+    must not yet show the next task. drain: the request ended before its answer did, so
+    the slot waits until llama-server shows it idle.
     """
     slots, entry = warmer.slots, warmer.entries.get(ticket.template)
     try:
@@ -131,7 +159,9 @@ def release(warmer, ticket, digest=None):
         log.exception("bookkeeping of slot %d failed", ticket.slot)
         slots.forget(ticket.slot)
     finally:
-        warmer.scheduler.release(ticket)
+        warmer.scheduler.release(ticket, drain)
+        if drain:
+            warmer.drained()
 
 
 def _ticket(slots, body, match):

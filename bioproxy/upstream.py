@@ -1,13 +1,16 @@
 """The one way out to llama.cpp: a pooled session, its timeouts and header filtering."""
 
+import http.client
 import json
 import logging
+import re
 import string
 from urllib.parse import quote
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from urllib3.util.response import assert_header_parsing
 
 from .errors import UpstreamCut, UpstreamTimeout, UpstreamUnavailable
 
@@ -37,6 +40,13 @@ RESPONSE_OWNED = frozenset({"date", "server"})
 
 READ_SIZE = 64 * 1024
 
+# What gunicorn accepts in a response header (RFC 9110 5.6.2 token; field-value with
+# obs-text): anything else makes it raise after the response has been built, which
+# skips every close callback of the response, the slot's release among them.
+HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+HEADER_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
+DIGITS = re.compile(r"[0-9]+")
+
 
 def end_to_end(headers, owned=frozenset()):
     """The headers that may cross a proxy: no hop-by-hop ones, none named in Connection."""
@@ -57,6 +67,10 @@ class BackendError(Exception):
         super().__init__(f"{call}: {reason}")
         self.reason = reason
         self.status = status
+
+
+class MalformedResponse(requests.RequestException):
+    """llama.cpp's status line and headers parsed, but are not an answer to pass on."""
 
 
 class Upstream:
@@ -145,7 +159,7 @@ class Upstream:
         """Send through the pool; once more if a pooled connection turned out to be dead."""
         timeout = (self.connect_timeout, read_timeout)
         try:
-            return self.adapter.send(prepared, stream=True, timeout=timeout)
+            response = self.adapter.send(prepared, stream=True, timeout=timeout)
         except requests.ConnectionError as e:
             # llama-server closes its side after each streamed answer without saying so,
             # and a pooled connection can die just as it is reused. Nothing reached
@@ -153,7 +167,14 @@ class Upstream:
             if not _closed_before_answering(e):
                 raise
             log.debug("upstream closed a pooled connection; sending again: %s", prepared.url)
-            return self.adapter.send(prepared, stream=True, timeout=timeout)
+            response = self.adapter.send(prepared, stream=True, timeout=timeout)
+        problem = _malformed(response)
+        if problem:
+            # Unread, so the connection is closed rather than pooled: what else it holds
+            # is unknown.
+            response.close()
+            raise MalformedResponse(f"invalid response: {problem}")
+        return response
 
 
 def iter_body(response):
@@ -176,6 +197,37 @@ def iter_body(response):
             # it; drop it now instead of racing its FIN when the pool hands it out again.
             response.raw.close()
         response.close()
+
+
+def _malformed(response):
+    """What makes a response's head unfit to pass on, or None.
+
+    urllib3 only logs the header lines it could not parse, and the headers after such a
+    line are lost (Content-Length among them). A 1xx other than 100 comes as the final
+    answer, with the real one left unread on the connection.
+    """
+    if response.status_code < 200:
+        return f"an interim {response.status_code} response where the final one belongs"
+    original = getattr(response.raw, "_original_response", None)
+    message = getattr(original, "msg", None)
+    if isinstance(message, http.client.HTTPMessage):  # not in tests that mock the transport
+        try:
+            assert_header_parsing(message)
+        except urllib3.exceptions.HeaderParsingError as e:
+            return f"malformed headers: {str(e)[:160]}"
+    headers = response.raw.headers
+    for name, value in headers.items():
+        if not HEADER_NAME.fullmatch(name) or not HEADER_VALUE.fullmatch(value):
+            return f"a header that cannot be passed on: {name[:80]!r}"
+    length = headers.get("Content-Length")
+    if length is not None:
+        if "Transfer-Encoding" in headers:
+            # A body delimited both ways: which one the client would trust is unknown.
+            return "both Content-Length and Transfer-Encoding"
+        # urllib3 reads a negative or unreadable length as none, gunicorn passes it on.
+        if not all(DIGITS.fullmatch(n.strip()) for n in length.split(",")):
+            return f"Content-Length {length[:80]!r}"
+    return None
 
 
 def _closed_before_answering(error):

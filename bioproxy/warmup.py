@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 # Stands in for the user's message when asking llama-server how it renders a template.
 SENTINEL = "\u2063bioproxy-message\u2063"
 RECENT_WARMUPS = 20  # evaluations /status lists
+MAX_PAUSE = 600  # seconds: the longest pause before a failed template is tried again
+# Seconds between looks at llama-server's slots while some are busy for nobody. Not less
+# than a second and a bit: llama-server notices a closed connection only after a whole
+# second in which no request of any client got a result, and each GET /slots is one.
+BUSY_SLOTS_POLL = 1.5
 
 
 class Entry:
@@ -57,9 +62,10 @@ class Entry:
 class Evaluation:
     """A template being evaluated into a slot, piece by piece; a user request cancels it."""
 
-    def __init__(self, entry, slot):
+    def __init__(self, entry, slot, template):
         self.entry = entry
         self.slot = slot
+        self.template = template  # the version evaluated: the file may change meanwhile
         self.response = None  # the upstream response of the piece under way
         self.cancelled = False
         self.started = time.monotonic()
@@ -137,11 +143,23 @@ class Warmer:
                 self.check(wait=False)
             except Exception:
                 log.exception("warmup pass failed")
-            # Look again soon while llama-server is down (requests go unscheduled until it
-            # answers) or busy in slots bioproxy did not give out (they stay unused meanwhile).
-            soon = self.backend_was_down or self.scheduler.foreign
-            self.wake.wait(min(self.interval, 1.0) if soon else self.interval)
+            self.wake.wait(self.pause())
             self.wake.clear()
+
+    def pause(self):
+        """Seconds until the next pass."""
+        if self.backend_was_down:
+            # Requests go unscheduled until llama-server answers: look again soon.
+            return min(self.interval, 1.0)
+        if self.scheduler.foreign:
+            # Slots busy for nobody bioproxy knows stay unused until idle: look again
+            # soon, but not more often than BUSY_SLOTS_POLL (see there).
+            return BUSY_SLOTS_POLL
+        return self.interval
+
+    def drained(self):
+        """A request gave its slot back before its answer ended: look at the slot soon."""
+        gevent.spawn_later(BUSY_SLOTS_POLL, self.wake.set)
 
     def request_warmup(self, prefix):
         """Evaluate a template again at the next pass, which starts now."""
@@ -167,7 +185,9 @@ class Warmer:
         if restarted or self.backend_was_down:
             log.warning("llama-server restarted or changed model: making templates warm again")
             for entry in self.entries.values():
-                if entry.template is not None:
+                # A failed one keeps its pause: a warmup that crashed llama-server must
+                # not crash it again as soon as it is back.
+                if entry.template is not None and entry.state != "failed":
                     entry.state = "stale"
         self.backend_was_down = False
         self.scheduler.update_foreign(released)  # also serves the queue if slots were added
@@ -241,6 +261,12 @@ class Warmer:
             log.exception("warming template %s failed", entry.prefix)
         finally:
             self.warming.discard(entry.prefix)
+            if entry.state == "stale":
+                self.wake.set()  # edited while it was warmed: the new text now
+
+    def current(self, entry, template):
+        """Whether template is still the entry's text: a pass may have read an edit since."""
+        return entry.template is not None and entry.template.digest == template.digest
 
     def warm(self, entry):
         """Make a template's cache warm in a slot and saved: restore it, else evaluate it."""
@@ -254,10 +280,36 @@ class Warmer:
         ticket = Ticket(WARMUP, entry.prefix)
         slot = self.scheduler.acquire(ticket)
         try:
-            if entry.forced or self.restore(entry, template, slot) != "restored":
+            # The wait may have been long: warm the text as it is now, if still usable.
+            template = entry.template
+            if template is None:
+                return
+            if entry.forced or self.warm_from_file(entry, template, slot) == "evaluate":
                 self.evaluate(entry, template, slot)
         finally:
             self.scheduler.release(ticket)
+
+    def warm_from_file(self, entry, template, slot):
+        """Restore the saved cache: "restored", "evaluate" (no usable file), or "failed".
+
+        A restore that failed for another reason than its file (blocked behind another
+        request's generation, refused, a 500) leaves the template failed, to be tried
+        again after a pause: an evaluation in the same slot would block just the same.
+        """
+        try:
+            return "restored" if self.load_saved(entry, template, slot) else "evaluate"
+        except BackendError as e:
+            if e.status == 501:
+                return "evaluate"  # this llama-server cannot restore (no --slot-save-path)
+            self.retry_later(entry, e)
+            return "failed"
+
+    def retry_later(self, entry, error):
+        """The template is not warm: try again after a pause that doubles with each failure."""
+        entry.failures += 1
+        entry.retry_at = time.monotonic() + min(self.interval * 2**entry.failures, MAX_PAUSE)
+        entry.state = "failed"
+        entry.last_warmup = {"at": time.time(), "outcome": "failed", "error": str(error)}
 
     # Users first: the proxy reports every request, and a warmup gives way to them.
 
@@ -284,41 +336,75 @@ class Warmer:
     def evaluate(self, entry, template, slot):
         entry.state = "warming"
         log.info("warming template %s in slot %d", entry.prefix, slot)
-        run = Evaluation(entry, slot)
+        run = Evaluation(entry, slot, template)
         self.evaluations.add(run)
         try:
-            head = self.rendered_head(template)
-            # In pieces: llama-server notices a closed connection only between batches,
-            # so a user who arrives waits for one piece, not for the whole template.
-            evaluated = 0
-            for cut in _cuts(head, self.piece_chars):
-                if self.only_when_idle and self.users:
-                    run.cancel()
-                if run.cancelled:
-                    raise BackendError("warmup", "a user request arrived")
-                answer = self.evaluate_prefix(head[:cut], run)
-                evaluated += answer.get("timings", {}).get("prompt_n", 0)
-            tokens = int(answer["tokens_evaluated"])
+            tokens, evaluated = self.evaluate_pieces(template, run)
         except Exception as e:
-            if run.cancelled:
-                entry.state = "stale"  # again when bioproxy is idle
-                self.remember(run, "cancelled")
-                self.metrics.warmup_cancellations.labels(entry.prefix).inc()
-                log.info("warming template %s gave way to a user request", entry.prefix)
-                return
-            # Any other failure leaves the template retryable, after a growing pause.
-            entry.failures += 1
-            entry.retry_at = time.monotonic() + min(self.interval * 2**entry.failures, 600)
-            entry.state = "failed"
-            entry.last_warmup = {"at": time.time(), "outcome": "failed", "error": str(e)}
-            self.remember(run, "failed")
-            self.metrics.warmups.labels(entry.prefix, "failed").inc()
-            log.warning("warming template %s failed: %s", entry.prefix, e)
+            if not self.current(entry, template):
+                # Edited meanwhile: the pass that read the edit made the template stale
+                # (or broken), and that stands.
+                self.remember(run, "superseded")
+                log.info("warming template %s stopped: its file changed", entry.prefix)
+            elif run.cancelled:
+                self.gave_way(run)
+            else:
+                self.warmup_failed(run, e)
             return
         finally:
             self.evaluations.discard(run)
-        seconds = time.monotonic() - run.started
-        entry.tokens = tokens
+        try:
+            self.save(entry, template, slot, tokens)
+        except BackendError as e:
+            if e.status is not None:
+                # llama-server answered, so it did not restart: the slot still holds the
+                # evaluation, and the next try finds it there.
+                self.slots.mark(slot, entry.prefix, template.digest, ran=True)
+            self.warmup_failed(run, e)
+            return
+        # After the save: what the slot last ran is then what bioproxy saw last.
+        self.slots.mark(slot, entry.prefix, template.digest, ran=True)
+        self.warmed(run, tokens, evaluated)
+
+    def evaluate_pieces(self, template, run):
+        """Evaluate the template's head into the run's slot: (its tokens, tokens evaluated)."""
+        head = self.rendered_head(template)
+        # In pieces: llama-server notices a closed connection only between batches,
+        # so a user who arrives waits for one piece, not for the whole template.
+        cuts = _cuts(head, self.piece_chars)
+        if self.slots.holds(run.slot, run.entry.prefix, template.digest):
+            # Already there (a save failed after it): a shorter piece would cut the
+            # slot's cache back to that piece, and the rest be evaluated again.
+            cuts = cuts[-1:]
+        evaluated = 0
+        for cut in cuts:
+            if self.only_when_idle and self.users:
+                run.cancel()
+            if run.cancelled:
+                raise BackendError("warmup", "a user request arrived")
+            if not self.current(run.entry, template):
+                raise BackendError("warmup", "the template changed")
+            answer = self.evaluate_prefix(head[:cut], run)
+            evaluated += answer.get("timings", {}).get("prompt_n", 0)
+        return int(answer["tokens_evaluated"]), evaluated
+
+    def gave_way(self, run):
+        entry = run.entry
+        entry.state = "stale"  # again when bioproxy is idle
+        self.remember(run, "cancelled")
+        self.metrics.warmup_cancellations.labels(entry.prefix).inc()
+        log.info("warming template %s gave way to a user request", entry.prefix)
+
+    def warmup_failed(self, run, error):
+        entry = run.entry
+        self.retry_later(entry, error)
+        self.remember(run, "failed")
+        self.metrics.warmups.labels(entry.prefix, "failed").inc()
+        log.warning("warming template %s failed: %s", entry.prefix, error)
+
+    def warmed(self, run, tokens, evaluated):
+        """Evaluated, and saved unless llama-server cannot save: the template is warm."""
+        entry, seconds = run.entry, time.monotonic() - run.started
         entry.last_warmup = {
             "at": time.time(),
             "outcome": "ok",
@@ -330,10 +416,10 @@ class Warmer:
         self.metrics.warmup_seconds.labels(entry.prefix).observe(seconds)
         entry.forced, entry.failures = False, 0
         log.info("template %s warmed: %d tokens in %.2f s", entry.prefix, tokens, seconds)
-        self.save(entry, template, slot, tokens)
-        # After the save: what the slot last ran is then what bioproxy saw last.
-        self.slots.mark(slot, entry.prefix, template.digest)
-        entry.state = "warm"
+        # Saved under its own digest, so usable if the file goes back to it; but if the
+        # file changed meanwhile, the template is not warm: the new text is warmed next.
+        if self.current(entry, run.template):
+            entry.tokens, entry.state = tokens, "warm"
 
     def remember(self, run, outcome):
         """Keep the last evaluations' outcomes for /status."""
@@ -348,45 +434,86 @@ class Warmer:
         )
 
     def save(self, entry, template, slot, tokens):
+        """Save the evaluated slot to its file and record it.
+
+        A llama-server that cannot save (501: no --slot-save-path) leaves the template warm
+        in its slot only. Any other failure raises BackendError.
+        """
         name = filename(entry.prefix, template.digest, self.slots.model)
         try:
             saved = self.slots.save(slot, name)
             # The prefix plus the one token llama-server generates; anything else means
-            # another request ran in the slot first and its cache would be saved instead.
+            # another request ran in the slot first, or llama-server restarted (a new
+            # server saves its empty slot: 0 tokens, and no error).
             if not tokens <= saved <= tokens + 1:
-                raise BackendError("save", f"saved {saved} tokens, evaluated {tokens}")
+                raise BackendError(
+                    f"POST /slots/{slot}?action=save", f"saved {saved} tokens, evaluated {tokens}"
+                )
         except BackendError as e:
             self.metrics.saves.labels(entry.prefix, "failed").inc()
-            hint = " (is llama-server's --slot-save-path set?)" if e.status == 501 else ""
-            log.warning("saving template %s failed%s: %s", entry.prefix, hint, e)
-            return
+            if e.status == 501:
+                log.warning("template %s not saved (no --slot-save-path?): %s", entry.prefix, e)
+                return
+            # The file may be half written, or written later by a save llama-server had
+            # queued behind another request: it no longer holds this template for sure.
+            self.registry.forget(entry.prefix, name)
+            raise
         self.registry.record(entry.prefix, template.digest, self.slots.model, saved)
         self.metrics.saves.labels(entry.prefix, "ok").inc()
         log.info("template %s saved: %d tokens in %s", entry.prefix, saved, name)
 
     def restore(self, entry, template, slot):
-        """Load the template's saved cache into the slot: "restored", or "cold" if it can't."""
+        """For a user request: load the template's saved cache into its slot.
+
+        "restored", or "cold" when it cannot: the request then goes on without it, and
+        leaves the slot holding the template once answered.
+        """
+        try:
+            return "restored" if self.load_saved(entry, template, slot) else "cold"
+        except BackendError:
+            return "cold"
+
+    def load_saved(self, entry, template, slot):
+        """Restore the template's saved cache into the slot: whether there was one to use.
+
+        A file that llama-server cannot read (400) or that holds something else is
+        forgotten, and the template warmed again; other failures raise BackendError.
+        """
         saved = self.registry.find(entry.prefix, template.digest, self.slots.model)
         if saved is None:
-            return "cold"
+            return False
         try:
             tokens = self.slots.restore(slot, saved["file"])
         except BackendError as e:
-            # A missing or corrupt file answers 400 and leaves the slot empty.
-            self.slots.forget(slot)
-            self.metrics.restores.labels(entry.prefix, "failed").inc()
-            log.warning("restoring template %s failed: %s", entry.prefix, e)
-            current = self.registry.entries.get(entry.prefix)
-            if e.status == 400 and current and current["file"] == saved["file"]:
-                self.registry.forget(entry.prefix)
-                entry.state = "stale"
-                self.wake.set()
-            return "cold"
+            self.restore_failed(entry, slot, e)
+            if e.status != 400:
+                raise
+            self.discard(entry, saved)  # missing, corrupt or from another build
+            return False
+        if tokens != saved.get("tokens", tokens):
+            # Not what bioproxy saved there, e.g. a save llama-server ran after bioproxy
+            # had given up waiting for it.
+            self.restore_failed(entry, slot, f"restored {tokens} tokens, saved {saved['tokens']}")
+            self.discard(entry, saved)
+            return False
         self.slots.mark(slot, entry.prefix, template.digest)
-        entry.tokens, entry.state = tokens, "warm"
+        if self.current(entry, template):
+            entry.tokens, entry.state, entry.failures = tokens, "warm", 0
         self.metrics.restores.labels(entry.prefix, "ok").inc()
         log.info("template %s restored into slot %d: %d tokens", entry.prefix, slot, tokens)
-        return "restored"
+        return True
+
+    def restore_failed(self, entry, slot, error):
+        # What the slot holds now is unknown (a 400 empties it).
+        self.slots.forget(slot)
+        self.metrics.restores.labels(entry.prefix, "failed").inc()
+        log.warning("restoring template %s failed: %s", entry.prefix, error)
+
+    def discard(self, entry, saved):
+        """Forget a saved file that cannot be used, and warm the template again now."""
+        self.registry.forget(entry.prefix, saved["file"])
+        entry.state = "stale"
+        self.wake.set()
 
     def evaluate_prefix(self, text, run):
         """Evaluate text into the run's slot, reusing what it holds; llama-server's last event."""

@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import responses
 from flask.testing import FlaskClient
 
 from bioproxy import create_app
@@ -59,3 +60,14 @@ def client(app):
 @pytest.fixture
 def admin(app):
     return app.test_client(base_url=ADMIN_BASE)
+
+
+@pytest.fixture
+def fake_llama():
+    """llama-server faked with `responses`: tests/fake_llama.py."""
+    from tests.fake_llama import FakeLlama  # it imports this module's BACKEND
+
+    responses.start()
+    yield FakeLlama().install()
+    responses.stop()
+    responses.reset()

@@ -28,6 +28,7 @@ class FakeLlama:
         self.busy = set()  # slots that GET /slots shows as processing
         self.extra_saved = 0  # tokens a save reports beyond what the slot holds
         self.on_completion = None  # called with each /completion body before it is answered
+        self.on_action = None  # called with (action, slot, filename) before it is answered
 
     def install(self):
         responses.add_callback("GET", f"{BACKEND}/props", self.props)
@@ -100,6 +101,8 @@ class FakeLlama:
         action = re.search(r"action=(\w+)", request.url).group(1)
         name = json.loads(request.body)["filename"]
         self.actions.append((action, slot, name))
+        if self.on_action is not None:
+            self.on_action(action, slot, name)
         if action in self.error:
             raise self.error[action]
         if self.status[action] != 200:

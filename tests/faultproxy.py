@@ -11,61 +11,64 @@ was set() when their connection was accepted:
 - "stall": the request is read, and nothing is ever answered
 - "stall_after_headers": the answer's headers pass, then nothing more
 - "refuse": connections are accepted and closed at once, before any byte
+
+Every byte sent to llama-server is kept, to show what was never sent: see received().
 """
 
 import contextlib
+import re
 import socket
 import struct
 import threading
 import time
 
+from tests.servers import Listener, close_socket
 
-class FaultProxy:
+
+class FaultProxy(Listener):
     def __init__(self, upstream_port, host="127.0.0.1"):
+        super().__init__(host)
         self.upstream = (host, upstream_port)
         self.mode = "pass"
-        self.listener = socket.create_server((host, 0))
-        self.port = self.listener.getsockname()[1]
-        self.url = f"http://{host}:{self.port}"
-        self.sockets = []
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.requests = []  # per connection, the bytes that reached llama-server
+        self.listen()
 
     def set(self, mode):
         """Misbehave from now on: connections already open (pooled by bioproxy) are closed,
         so the next request comes on a new one, which gets the mode."""
         self.mode = mode
-        sockets, self.sockets = self.sockets, []
-        for sock in sockets:
-            _close(sock)
+        self.close_open_connections()
 
-    def close(self):
-        self.closed = True
-        self.listener.close()
-        for sock in self.sockets:
-            _close(sock)
+    def received(self):
+        """Every byte llama-server got through this proxy, one connection after another."""
+        return b"\n".join(bytes(record) for record in self.requests)
 
-    def _accept(self):
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.sockets.append(client)
-            mode = self.mode
-            if mode == "refuse":
-                _close(client)
-                continue
-            threading.Thread(target=self._serve, args=(client, mode), daemon=True).start()
+    def body_with(self, marker):
+        """The body of the last request llama-server got whose body holds marker, or None."""
+        found = None
+        for record in list(self.requests):
+            for body in _bodies(bytes(record)):
+                if marker in body:
+                    found = body
+        return found
+
+    def accepted(self, client):
+        mode = self.mode
+        if mode == "refuse":
+            close_socket(client)
+            return
+        threading.Thread(target=self._serve, args=(client, mode), daemon=True).start()
 
     def _serve(self, client, mode):
         try:
             upstream = socket.create_connection(self.upstream)
         except OSError:
-            _close(client)
+            close_socket(client)
             return
         self.sockets.append(upstream)
-        threading.Thread(target=_pump, args=(client, upstream), daemon=True).start()
+        record = bytearray()
+        self.requests.append(record)
+        threading.Thread(target=_pump, args=(client, upstream, record), daemon=True).start()
         if mode == "stall":
             return  # bioproxy's request reaches llama-server; its answer never comes back
         try:
@@ -73,7 +76,7 @@ class FaultProxy:
         except OSError:
             pass
         finally:
-            _close(upstream)
+            close_socket(upstream)
 
     def _answer(self, upstream, client, mode):
         kind, value = mode if isinstance(mode, tuple) else (mode, None)
@@ -112,13 +115,29 @@ class FaultProxy:
             sent += len(data)
 
 
-def _pump(source, target):
+def _bodies(stream):
+    """The body of each request in one connection's bytes, in order.
+
+    bioproxy sends its bodies with a Content-Length; a request without one has none.
+    """
+    at = 0
+    while True:
+        end = stream.find(b"\r\n\r\n", at)
+        if end < 0:
+            return
+        length = re.search(rb"(?im)^content-length: *(\d+)", stream[at:end])
+        start, at = end + 4, end + 4 + (int(length.group(1)) if length else 0)
+        yield stream[start:at]
+
+
+def _pump(source, target, record):
     try:
         while True:
-            data = source.recv(4096)
+            data = source.recv(65536)
             if not data:
                 target.shutdown(socket.SHUT_WR)
                 return
+            record += data
             target.sendall(data)
     except OSError:
         pass
@@ -136,9 +155,5 @@ def _break(sock, reset):
             sock.shutdown(socket.SHUT_RD)
         else:
             sock.shutdown(socket.SHUT_RDWR)
-    _close(sock)
-
-
-def _close(sock):
     with contextlib.suppress(OSError):
-        sock.close()
+        sock.close()  # not close_socket(): its shutdown would send a FIN before the RST

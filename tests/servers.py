@@ -1,5 +1,6 @@
 """Real servers on free loopback ports, for the integration tests and the benchmarks."""
 
+import contextlib
 import http.server
 import json
 import os
@@ -23,8 +24,71 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_until(check, timeout=120, what="condition", describe=lambda: "", every=0.2):
+    """check()'s first true value, asked every `every` s; AssertionError after timeout s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; {describe()}")
+
+
+class Listener:
+    """A TCP listener on a free loopback port for the tests' raw fakes.
+
+    Each connection goes to accepted(sock), called in the accept thread; close() closes
+    the listener and every socket in self.sockets.
+    """
+
+    def __init__(self, host="127.0.0.1"):
+        self.listener = socket.create_server((host, 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.sockets = []
+        self.closed = False
+
+    def listen(self):
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def accepted(self, sock):
+        raise NotImplementedError
+
+    def close_open_connections(self):
+        sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            close_socket(sock)
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+        self.close_open_connections()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(sock)
+            self.accepted(sock)
+
+
+def close_socket(sock):
+    """Close a socket another thread may be reading: shutdown() first wakes that thread."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
 class JSONHandler(http.server.BaseHTTPRequestHandler):
     """Base of the tests' tiny HTTP servers (fake backends): JSON answers, no request log."""
+
+    # Headers and body go out in two writes: with Nagle's algorithm, the body would wait
+    # for the client's delayed ACK of the headers (40 ms).
+    disable_nagle_algorithm = True
 
     def send_json(self, value, status=200, content_type="application/json"):
         """Answer value as JSON (bytes are sent as they are), with its Content-Length."""

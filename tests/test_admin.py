@@ -1,9 +1,12 @@
 """The admin port: health and metrics, with llama.cpp faked by `responses`."""
 
+from urllib.parse import urlsplit
+
+import pytest
 import requests
 import responses
 
-from tests.conftest import BACKEND
+from tests.conftest import ADMIN_BASE, BACKEND
 
 
 @responses.activate
@@ -108,3 +111,32 @@ def test_status_page_is_only_on_the_admin_port(client):
     answer = client.get("/")
 
     assert answer.get_data(as_text=True) == "llama.cpp's own page"
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://evil.example",  # another site's page, in the admin's browser
+        "http://evil.example:8089",  # a name pointed at 127.0.0.1 (DNS rebinding)
+        "null",  # a sandboxed or file:// page
+    ],
+)
+def test_web_pages_cannot_post_actions(make_app, origin):
+    app = make_app(prefixes={"@code": "code.txt"})
+    admin = app.test_client(base_url=ADMIN_BASE)
+    host = urlsplit(origin).netloc or "localhost:8089"
+
+    answer = admin.post("/templates/@code/warmup", headers={"Origin": origin, "Host": host})
+
+    assert answer.status_code == 403
+    assert answer.get_json()["error"]["code"] == "cross_site_request"
+    assert app.extensions["bioproxy"].warmer.entries["@code"].forced is False
+
+
+def test_tools_and_the_status_page_can_post_actions(make_app):
+    app = make_app(prefixes={"@code": "code.txt"})
+    admin = app.test_client(base_url=ADMIN_BASE)
+
+    assert admin.post("/templates/@code/warmup").status_code == 202  # curl: no Origin
+    own = admin.post("/templates/@code/warmup", headers={"Origin": ADMIN_BASE})
+    assert own.status_code == 202

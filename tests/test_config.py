@@ -96,6 +96,10 @@ def test_environment_beats_file_and_overrides_beat_environment(tmp_path):
         ({"queue_max_length": -1}, "queue_max_length must be 0 or more"),
         ({"queue_timeout": 0}, "queue_timeout must be greater than 0"),
         ({"warmup_concurrency": 0}, "warmup_concurrency must be 1 or more"),
+        # 0 would turn gunicorn's keep-alive off, and with it the limit on slow headers.
+        ({"client_header_timeout": 0}, "client_header_timeout must be greater than 0"),
+        ({"client_header_timeout": 2.5}, "client_header_timeout must be an integer"),
+        ({"client_body_timeout": 0}, "client_body_timeout must be greater than 0"),
     ],
 )
 def test_bad_values_are_refused_with_a_message_naming_them(tmp_path, values, message):

@@ -291,6 +291,35 @@ def test_body_at_the_limit_is_forwarded(make_app):
     assert responses.calls[0].request.body == b"x" * 100
 
 
+@pytest.mark.parametrize("content_type", ["multipart/form-data; boundary=x", "application/xml"])
+@responses.activate
+def test_a_prompt_labelled_as_something_else_than_json_is_a_415(client, content_type):
+    answer = client.post("/v1/chat/completions", data=b"{}", content_type=content_type)
+
+    assert_openai_error(answer, 415, "unsupported_media_type")
+    assert len(responses.calls) == 0
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,  # curl --data-binary with -H "Content-Type:"
+        "application/json; charset=utf-8",
+        "application/vnd.api+json",
+        "application/x-www-form-urlencoded",  # curl -d's default
+        "text/plain;charset=UTF-8",  # fetch() with a string body
+    ],
+)
+@responses.activate
+def test_json_bodies_under_the_labels_common_clients_send_are_forwarded(client, content_type):
+    responses.post(f"{BACKEND}/completion", json={"content": "ok"})
+
+    answer = client.post("/completion", data=b'{"prompt": "hi"}', content_type=content_type)
+
+    assert answer.status_code == 200
+    assert json.loads(sent_to("/completion")[0].body)["prompt"] == "hi"
+
+
 class BreaksAfterFirstRead(io.RawIOBase):
     """A socket stand-in that delivers one piece, then fails as a reset connection would."""
 

@@ -216,18 +216,6 @@ def test_retry_after_grows_with_the_queue_and_the_time_slots_are_held():
 # Waiting, with gevent and the real clock.
 
 
-class Watch:
-    def __init__(self):
-        self.gone = Event()
-        self.started = self.stopped = False
-
-    def start(self):
-        self.started = True
-
-    def stop(self):
-        self.stopped = True
-
-
 def test_acquire_waits_until_a_slot_is_released():
     scheduler = Scheduler(Slots(1), max_queue=4, max_wait=5)
     running = Ticket()
@@ -260,24 +248,34 @@ def test_acquire_raises_503s_for_a_full_queue_and_a_long_wait():
 def test_acquire_leaves_the_queue_at_once_when_the_client_goes():
     scheduler = Scheduler(Slots(1), max_queue=4, max_wait=30)
     scheduler.acquire(Ticket())
-    watch = Watch()
-    waiter = gevent.spawn(scheduler.acquire, Ticket(), watch)
+    gone = Event()
+    waiter = gevent.spawn(scheduler.acquire, Ticket(), gone)
     gevent.sleep(0)
-    assert watch.started
 
-    watch.gone.set()
+    gone.set()
 
     with pytest.raises(ClientGone):
         waiter.get(timeout=1)
-    assert scheduler.queue == [] and watch.stopped
+    assert scheduler.queue == []
 
 
-def test_a_watch_is_not_started_when_a_slot_is_free():
-    scheduler = Scheduler(Slots(1), max_queue=4, max_wait=30)
-    watch = Watch()
+def test_a_drained_slot_waits_until_llama_server_shows_it_idle():
+    slots = Slots(2)
+    scheduler = Scheduler(slots, max_queue=4, max_wait=30)
+    left, other = Ticket(), Ticket()
+    scheduler.submit(left)
+    scheduler.submit(other)
+    scheduler.release(left, drain=True)  # its client left before the answer
+    waiting = scheduler.submit(Ticket())
+    assert waiting.outcome == QUEUED
 
-    assert scheduler.acquire(Ticket(), watch) == 0
-    assert not watch.started
+    slots.processing = {left.slot}  # the next refresh: llama-server still at work there
+    scheduler.update_foreign()
+    assert waiting.outcome == QUEUED
+
+    slots.processing = set()
+    scheduler.update_foreign()
+    assert waiting.outcome == GRANTED and waiting.slot == left.slot
 
 
 def test_a_waiter_killed_in_the_queue_leaves_it():

@@ -211,6 +211,58 @@ def test_symlinks_that_leave_the_root_are_refused(tmp_path, root):
         template(root, "<{link.txt}>")
 
 
+ENVIRON = "/proc/self/environ"
+
+
+def environ_paths(root):
+    """{case: path as written} for ways a template could name the process's environment."""
+    os.symlink(ENVIRON, root / "env.txt")
+    return {
+        "absolute": ENVIRON,
+        # One ".." per part of root reaches "/"; more would stay there.
+        "relative": "../" * len(root.parts) + ENVIRON.lstrip("/"),
+        "symlink": "env.txt",
+    }
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Every path the templates module stats or opens, in order."""
+    import bioproxy.templates as module
+
+    paths = []
+    real_open, real_stat = open, os.stat
+
+    def spy_open(path, *args, **kwargs):
+        paths.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    def spy_stat(path, *args, **kwargs):
+        paths.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, "open", spy_open, raising=False)
+    monkeypatch.setattr(os, "stat", spy_stat)
+    return paths
+
+
+@pytest.mark.parametrize("case", ["absolute", "relative", "symlink"])
+def test_the_process_environment_is_never_read_as_a_template_or_include(root, opened, case):
+    # /proc/self/environ holds the process's secrets (API keys among them): bioproxy's
+    # config folder is usually next to them, and the rule is what keeps it out of prompts.
+    path = environ_paths(root)[case]
+    outside = f"resolves outside the template root {root}"
+
+    with refused(f"template {path} {outside}"):
+        load_from(root, path)
+    assert opened == []
+    (root / "t.txt").write_text(f"Env: <{{{path}}}>\n<{{message}}>")
+    with refused(f"template t.txt: include {path} {outside}"):
+        load_from(root)
+    # The template itself was stat'ed and read, never the file it names.
+    assert opened == [str(root / "t.txt")] * 2
+
+
 def test_a_symlinked_root_is_compared_by_its_real_path(tmp_path, root):
     write(root / "t.txt", "T")
     os.symlink(root, tmp_path / "alias")

@@ -11,7 +11,7 @@ import responses
 
 from bioproxy.scheduler import USER, Ticket
 from tests.conftest import BACKEND
-from tests.fake_llama import END, SYSTEM, FakeLlama
+from tests.fake_llama import END, SYSTEM
 from tests.test_metrics import samples
 
 CODE = "You answer coding questions well and briefly.\n<{message}>\nBe exact."
@@ -29,11 +29,8 @@ def folder(isolated_config):
 
 
 @pytest.fixture
-def llama():
-    responses.start()
-    yield FakeLlama().install()
-    responses.stop()
-    responses.reset()
+def llama(fake_llama):
+    return fake_llama
 
 
 @pytest.fixture

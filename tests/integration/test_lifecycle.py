@@ -11,8 +11,7 @@ from pathlib import Path
 
 import requests
 
-from tests.integration.test_templates import wait_until
-from tests.servers import Bioproxy, free_port
+from tests.servers import Bioproxy, free_port, wait_until
 
 COMMAND = str(Path(sys.executable).parent / "bioproxy")
 

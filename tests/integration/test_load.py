@@ -2,7 +2,7 @@
 
 The fake streams quickly so that bioproxy, not the model, is what is measured: 200 clients
 at once, then thousands of requests with aborted streams among them, after which the
-worker's open files and memory must come back to where they were.
+worker's open files, greenlets and memory must come back to where they were.
 """
 
 import json
@@ -14,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.integration.test_templates import wait_until
-from tests.servers import Bioproxy, JSONHandler, serve_http
+from tests.servers import Bioproxy, JSONHandler, serve_http, wait_until
 
 SLOTS = 8
 
@@ -162,6 +161,7 @@ def test_10000_requests_with_1000_aborted_leave_no_files_or_memory_behind(proxy)
         assert all(round_of(1000, 0))  # warm: pools, caches and buffers reach their size
         time.sleep(1)
         files, memory = open_files(pid), resident_kib(pid)
+        greenlets = proxy.metric("bioproxy_greenlets")
 
         started = time.monotonic()
         assert all(round_of(9000, 1000))
@@ -171,9 +171,16 @@ def test_10000_requests_with_1000_aborted_leave_no_files_or_memory_behind(proxy)
     finally:
         FastLlama.events = 20
     grown = resident_kib(pid) - memory
+    # Connections the clients closed end their greenlets a moment later.
+    wait_until(
+        lambda: proxy.metric("bioproxy_greenlets") <= greenlets + 2,
+        timeout=10,
+        what=f"greenlets back to {greenlets:g}",
+    )
     print(
         f"9,000 requests (900 aborted) in {seconds:.1f} s; worker files {files} -> "
-        f"{open_files(pid)}, memory {memory} KiB -> {memory + grown} KiB"
+        f"{open_files(pid)}, memory {memory} KiB -> {memory + grown} KiB, greenlets "
+        f"{greenlets:g} -> {proxy.metric('bioproxy_greenlets'):g}"
     )
     # Bound: 16 MiB, for allocator slack; a leak of even 2 KiB per request would be 18 MiB.
     assert grown < 16 * 1024, f"worker memory grew by {grown} KiB over 9,000 requests"

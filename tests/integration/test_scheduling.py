@@ -10,8 +10,8 @@ import requests
 
 from bioproxy import templates
 from tests.integration.conftest import start_llama
-from tests.integration.test_templates import chat, wait_until
-from tests.servers import Bioproxy
+from tests.integration.test_templates import chat
+from tests.servers import Bioproxy, wait_until
 
 # Three templates of ~250 tokens: short enough to evaluate at -ub 1 in a few seconds.
 TOPICS = {

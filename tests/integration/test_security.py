@@ -3,8 +3,7 @@
 import requests
 
 from tests.integration.conftest import start_llama
-from tests.integration.test_templates import wait_until
-from tests.servers import Bioproxy
+from tests.servers import Bioproxy, wait_until
 
 LLAMA_KEY = "llama-side-key"
 CLIENT_KEY = "client-side-key"

@@ -1,30 +1,21 @@
 """Templates warmed, saved and restored in a real llama-server, with -np 1 and -np 2."""
 
 import json
+import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from bioproxy import templates
+from tests.faultproxy import FaultProxy
 from tests.integration.conftest import start_llama
 from tests.integration.sse import read_events
-from tests.servers import Bioproxy
+from tests.servers import Bioproxy, wait_until
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 QUESTION = "How do I reverse a list in Python?"
-
-
-def wait_until(check, timeout=120, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Setup:
@@ -195,6 +186,63 @@ def test_a_template_outside_the_root_is_refused_and_never_sent(setup):
     assert "TOP-SECRET" not in answer.text
     assert setup.listed()["@bad"]["state"] == "broken"
     assert "TOP-SECRET" not in requests.get(setup.llama.url + "/slots", timeout=5).text
+
+
+def test_the_process_environment_is_refused_and_never_sent(llama, tmp_path):
+    # A value only bioproxy's environment holds, so only /proc/self/environ could leak it.
+    canary = "CANARY-" + os.urandom(8).hex()
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    # Include paths are relative to the config file's folder, tmp_path.
+    (folder / "ok.txt").write_text("<{templates/marker.txt}>\n<{message}>")
+    (folder / "marker.txt").write_text("INCLUDED-MARKER")
+    environ = {
+        "@absolute": "/proc/self/environ",
+        "@relative": "../" * len(tmp_path.parts) + "proc/self/environ",
+        "@symlink": "templates/environ.txt",
+    }
+    os.symlink("/proc/self/environ", folder / "environ.txt")
+    for prefix, include in environ.items():
+        (folder / f"{prefix[1:]}.txt").write_text(f"Env: <{{{include}}}>\n<{{message}}>")
+    config = {
+        "prefixes": {p: f"templates/{p[1:]}.txt" for p in ["@ok", *environ]},
+        "warmup_check_interval": 0.5,
+        "template_root": "templates",
+    }
+    # Between bioproxy and llama-server: records every byte llama-server gets.
+    recorder = FaultProxy(llama.port)
+    server = Bioproxy(recorder.url, tmp_path, config)
+    server.env["LEAK_CANARY"] = canary
+    try:
+        with server:
+            # The canary is there to be leaked: gunicorn's environment, which its worker
+            # inherits, holds it.
+            with open(f"/proc/{server.process.pid}/environ", "rb") as f:
+                assert f"LEAK_CANARY={canary}".encode() in f.read()
+            # The recording is complete enough to catch a template's text once warmed.
+            wait_until(lambda: server.templates()["@ok"]["state"] == "warm", 120, "@ok warm")
+            for prefix, include in environ.items():
+                answer = requests.post(
+                    server.proxy_url + "/v1/chat/completions", json=chat(f"{prefix} hi"), timeout=10
+                )
+
+                assert answer.status_code == 500, answer.text
+                error = answer.json()["error"]
+                assert error["code"] == "template_broken"
+                assert prefix in error["message"]
+                assert f"include {include} resolves outside the template root" in error["message"]
+                assert canary not in answer.text
+            listed = server.templates()
+            assert all(listed[prefix]["state"] == "broken" for prefix in environ)
+            assert canary not in json.dumps(listed)
+            assert canary not in server.log()
+    finally:
+        recorder.close()
+    received = recorder.received()
+    assert b"INCLUDED-MARKER" in received
+    assert canary.encode() not in received
+    # Not even another variable of the environment: its usual first ones.
+    assert b"PATH=" not in received and b"HOME=" not in received
 
 
 def test_an_edited_template_is_warmed_again(setup):

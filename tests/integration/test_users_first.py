@@ -5,8 +5,7 @@ import time
 import requests
 
 from tests.integration.conftest import start_llama
-from tests.integration.test_templates import wait_until
-from tests.servers import Bioproxy
+from tests.servers import Bioproxy, wait_until
 
 # About 3,000 tokens (of the 4,096 a slot has): ten seconds or more of evaluation.
 LONG = (
