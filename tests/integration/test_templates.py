@@ -188,6 +188,21 @@ def test_a_template_outside_the_root_is_refused_and_never_sent(setup):
     assert "TOP-SECRET" not in requests.get(setup.llama.url + "/slots", timeout=5).text
 
 
+@pytest.mark.parametrize("content", [7, {"text": "@code hi"}], ids=["number", "object"])
+def test_content_neither_text_nor_parts_goes_untouched_to_llama_server_which_refuses_it(
+    setup, content
+):
+    answer = requests.post(
+        setup.bioproxy.proxy_url + "/v1/chat/completions", json=chat(content), timeout=30
+    )
+
+    # Not a templated request: llama-server's own OpenAI-style 400 comes back unchanged.
+    assert answer.status_code == 400
+    assert "X-Bioproxy-Template" not in answer.headers
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and "content" in error["message"]
+
+
 def test_the_process_environment_is_refused_and_never_sent(llama, tmp_path):
     # A value only bioproxy's environment holds, so only /proc/self/environ could leak it.
     canary = "CANARY-" + os.urandom(8).hex()
