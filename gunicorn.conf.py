@@ -13,14 +13,11 @@ import sys
 from bioproxy import config as _config
 
 try:
-    _settings = _config.load()
+    # A reload (SIGHUP) with a broken configuration keeps the running one (gunicorn's
+    # master would otherwise stop); the error is logged to stderr.
+    _settings = _config.load_or_running()
 except _config.ConfigError as _e:
-    if _config.RUNNING not in os.environ:
-        sys.exit(f"bioproxy: configuration error: {_e}")
-    # A reload (SIGHUP) with a broken configuration: keep serving with the running one
-    # rather than stop. The new worker falls back to it too (see bioproxy.create_app).
-    print(f"bioproxy: configuration error, the running one stays: {_e}", file=sys.stderr)
-    _settings = _config.running(os.environ)
+    sys.exit(f"bioproxy: configuration error: {_e}")
 os.environ[_config.RUNNING] = _config.dump(_settings)
 
 # Listeners: the proxy first, then the admin port.

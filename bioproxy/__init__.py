@@ -1,8 +1,6 @@
 """bioproxy: a reverse proxy for llama.cpp's llama-server that keeps templated prompts warm."""
 
 import dataclasses
-import logging
-import os
 import time
 
 from flask import Flask
@@ -47,14 +45,7 @@ def create_app(overrides=None):
     from .upstream import Upstream
     from .warmup import Warmer
 
-    try:
-        settings = config.load(overrides)
-    except config.ConfigError as e:
-        if config.RUNNING not in os.environ:
-            raise
-        # A reload whose configuration is broken: serve on with the one that ran.
-        logging.getLogger(__name__).error("configuration error, the running one stays: %s", e)
-        settings = config.running(os.environ)
+    settings = config.load_or_running(overrides)
     app = Bioproxy(__name__, host_matching=True, static_folder=None)
     upstream = Upstream(
         settings.backend_url,

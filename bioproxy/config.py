@@ -2,8 +2,11 @@
 
 import dataclasses
 import json
+import logging
 import os
 from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "~/.config/bioproxy/config.json"
 # Where gunicorn's master keeps the settings it runs with, for a reload that fails.
@@ -138,6 +141,23 @@ def load(overrides=None, environ=None):
     if settings.proxy_port == settings.admin_port:
         raise ConfigError(f"proxy_port and admin_port are both {settings.proxy_port}")
     return settings
+
+
+def load_or_running(overrides=None, environ=None):
+    """load(); but on a reload (SIGHUP) whose configuration is broken, the running one.
+
+    gunicorn's master re-reads gunicorn.conf.py and the new worker calls create_app():
+    both keep serving with the settings that ran rather than stop. Without running
+    settings (a start), the ConfigError is raised.
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        return load(overrides, environ)
+    except ConfigError as e:
+        if RUNNING not in environ:
+            raise
+        log.error("configuration error, the running one stays: %s", e)
+        return running(environ)
 
 
 def dump(settings):

@@ -85,7 +85,8 @@ class QueueTimeout(ServerBusy):
 
 
 class ClientGone(BioproxyError):
-    """The client closed its connection while its request waited for a slot."""
+    """The client closed its connection before its answer started (queued, or waiting
+    for llama.cpp's first byte)."""
 
     status = 499  # nginx's "client closed request": only the access log sees it
     type = "invalid_request_error"

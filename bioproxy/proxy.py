@@ -11,7 +11,6 @@ from urllib.parse import quote
 import gevent
 import urllib3
 from flask import Blueprint, Response, current_app, g, request
-from gevent.event import Event
 from gevent.socket import wait_read
 
 from . import injection, templated
@@ -170,8 +169,6 @@ class ClientWatch:
 
     def __init__(self, environ):
         self.socket = environ.get("gunicorn.socket")
-        self.gone = Event()
-        self.greenlet = None
         self.guarded = None  # the greenlet to interrupt when the client leaves
 
     @contextmanager
@@ -181,12 +178,12 @@ class ClientWatch:
             yield
             return
         self.guarded = gevent.getcurrent()
-        self.greenlet = gevent.spawn(self._watch)
+        watcher = gevent.spawn(self._watch)
         try:
             yield
         finally:
             self.guarded = None
-            self.greenlet.kill(block=False)  # without a switch, which could interrupt us
+            watcher.kill(block=False)  # without a switch, which could interrupt us
 
     def _watch(self):
         try:
@@ -197,7 +194,6 @@ class ClientWatch:
             return  # a TLS socket cannot peek: it cannot be watched
         except OSError:
             pass
-        self.gone.set()
         # Raised from the hub, as gevent.Timeout does: the guarded greenlet is waiting.
         gevent.get_hub().loop.run_callback(self._interrupt)
 

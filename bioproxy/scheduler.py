@@ -13,10 +13,9 @@ import itertools
 import math
 import time
 
-import gevent
 from gevent.event import Event
 
-from .errors import ClientGone, QueueFull, QueueTimeout
+from .errors import QueueFull, QueueTimeout
 
 USER, WARMUP = 0, 1  # priorities: a lower one is served first
 
@@ -218,13 +217,13 @@ class Scheduler:
 
     # Waiting, with gevent.
 
-    def acquire(self, ticket, gone=None):
+    def acquire(self, ticket):
         """Wait for the ticket's slot and return it.
 
-        Raises QueueFull or QueueTimeout for a user request that cannot have one, and
-        ClientGone when its client leaves while it waits (gone, an Event, is set then).
-        Warmups wait as long as it takes. The caller must release() the ticket once done
-        with the slot.
+        Raises QueueFull or QueueTimeout for a user request that cannot have one. Warmups
+        wait as long as it takes. An exception raised into the wait (the request's
+        ClientWatch raises ClientGone when its client leaves) takes the ticket out of the
+        queue. The caller must release() the ticket once done with the slot.
         """
         self.submit(ticket)
         try:
@@ -235,11 +234,9 @@ class Scheduler:
                     if timeout <= 0:
                         self.expire()
                         continue
-                gevent.wait([ticket.event] + ([gone] if gone else []), timeout, count=1)
-                if gone is not None and gone.is_set():
-                    self.leave(ticket, GONE)
+                ticket.event.wait(timeout)
         except BaseException:
-            # Killed while waiting: never leave a ticket queued, nor a slot taken.
+            # Its client left, or it was killed: never leave a ticket queued, nor a slot taken.
             self.leave(ticket, GONE)
             self.release(ticket)
             raise
@@ -251,12 +248,10 @@ class Scheduler:
                 f"{self.max_queue} requests are already waiting",
                 self.retry_after(),
             )
-        if ticket.outcome == TIMEOUT:
-            raise QueueTimeout(
-                f"no llama-server slot came free within queue_timeout ({self.max_wait:g} s)",
-                self.retry_after(),
-            )
-        raise ClientGone("the client closed its connection while waiting for a slot")
+        raise QueueTimeout(
+            f"no llama-server slot came free within queue_timeout ({self.max_wait:g} s)",
+            self.retry_after(),
+        )
 
     def describe(self):
         """The slots and the queue, for /status."""

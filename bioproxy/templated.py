@@ -79,7 +79,7 @@ def forward(state, raw, match, send, watch=None):
                 if match is None:
                     return send(raw)
                 return _templated(state, entry, match, send, None)
-            slot = warmer.scheduler.acquire(ticket, watch.gone if watch else None)
+            slot = warmer.scheduler.acquire(ticket)
             if match is not None:
                 return _templated(state, entry, match, send, ticket)
             progress = Progress()
