@@ -38,8 +38,8 @@ def answers(url):
         return False
 
 
-def start_local_backend(settings):
-    """A llama-server with the bundled model at the default backend address."""
+def start_local_backend(settings, binary=None):
+    """A llama-server with the bundled model at the backend address."""
     parts = requests.utils.urlparse(settings.backend_url)
     # Beside bioproxy's own record of its saves.
     folder = config.resolve_path(settings.state_dir, config.base_dir())
@@ -50,6 +50,7 @@ def start_local_backend(settings):
         slots=2,
         slot_save_path=os.path.join(folder, "slots"),
         log_path=os.path.join(folder, "llama-server.log"),
+        binary=binary,
     )
     print(f"Starting llama-server with {llamacpp.MODEL_FILE} on {server.url}")
     print(f"  its log: {server.log_path}")
@@ -94,6 +95,12 @@ def parse_args(argv):
         "--check-config",
         action="store_true",
         help="read the configuration and the templates, say what is wrong, and exit",
+    )
+    parser.add_argument(
+        "--llama-port",
+        type=int,
+        metavar="N",
+        help="port of the local llama-server started when no backend is configured (8081)",
     )
     parser.add_argument(
         "--no-local-backend",
@@ -167,8 +174,15 @@ def main(argv=None):
         return check_config(os.environ)
     use_examples_without_config(os.environ)
     try:
-        settings = config.load()
         local = not args.no_local_backend and not backend_configured(os.environ)
+        if args.llama_port is not None:
+            if not local:
+                raise config.ConfigError(
+                    "--llama-port is the port of the local llama-server, which is not "
+                    "started when a backend is configured or with --no-local-backend"
+                )
+            os.environ[config.env_name("backend_url")] = f"http://127.0.0.1:{args.llama_port}"
+        settings = config.load()
     except config.ConfigError as e:
         sys.exit(f"bioproxy: configuration error: {e}")
 
@@ -189,16 +203,30 @@ def main(argv=None):
 
 
 def run_beside(backend):
-    """Run gunicorn as a child, passing signals on, and stop the local llama-server after."""
+    """Run gunicorn as a child, passing signals on, and stop the local llama-server after.
+
+    If the local llama-server ends on its own, bioproxy says why and stops too: it has
+    nothing to serve with.
+    """
     server = subprocess.Popen(gunicorn_command())
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda number, _frame: server.send_signal(number))
     try:
         while True:
             try:
-                return server.wait()
+                return server.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
             except KeyboardInterrupt:
                 server.send_signal(signal.SIGINT)
+                continue
+            try:
+                backend.check_running()
+            except llamacpp.LlamaServerError as e:
+                print(f"bioproxy: the local {e}", file=sys.stderr)
+                server.terminate()
+                server.wait()
+                return 1
     finally:
         backend.stop()
 

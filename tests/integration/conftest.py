@@ -5,7 +5,7 @@ A missing llama-server or model is an error here, never a skip: run scripts/setu
 
 import pytest
 
-from bioproxy.llamacpp import LlamaServer
+from bioproxy.llamacpp import LlamaServer, LlamaServerError
 from tests.servers import Bioproxy, free_port
 
 
@@ -24,6 +24,20 @@ def start_llama(folder, slots=2, extra_args=()):
         log_path=str(folder / "llama-server.log"),
         extra_args=extra_args,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def llama_server_runs(tmp_path_factory):
+    """Before the first integration test: the bundled llama-server starts and computes here.
+
+    If it cannot, no integration test can pass, and the run stops with that one cause
+    instead of an error at every fixture.
+    """
+    try:
+        with start_llama(tmp_path_factory.mktemp("llama-check"), slots=1):
+            pass
+    except LlamaServerError as e:
+        pytest.exit(f"no integration test can run: {e}", returncode=1)
 
 
 @pytest.fixture(scope="session")
