@@ -16,6 +16,11 @@ class BioproxyError(Exception):
     type = "server_error"
     code = "internal_error"
 
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code  # a more precise code than the class's own
+
 
 class BadRequest(BioproxyError):
     status = 400

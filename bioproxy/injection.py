@@ -2,11 +2,9 @@
 
 import json
 
+from . import endpoints
 from .errors import BadRequest
 from .templates import match_prefix, strip_prefix
-
-CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
-COMPLETION_PATHS = frozenset({"/completion", "/completions", "/v1/completions"})
 
 
 class Match:
@@ -41,12 +39,11 @@ def dump(body):
         ) from None
 
 
-def find(method, path, raw, prefixes):
-    """The Match for a request, or None when it is not templated (forwarded untouched)."""
-    chat = path in CHAT_PATHS
-    if not prefixes or method != "POST" or not (chat or path in COMPLETION_PATHS):
+def find(path, body, prefixes):
+    """The Match for a request's parsed body, or None when it is not templated."""
+    chat = path in endpoints.CHAT
+    if not prefixes or not (chat or path in endpoints.COMPLETION):
         return None
-    body = _parse(raw)
     place = _last_user_text(body) if chat else (body, "prompt")
     if place is None or not isinstance(place[0].get(place[1]), str):
         return None
@@ -54,16 +51,86 @@ def find(method, path, raw, prefixes):
     return Match(body, prefix, place, chat) if prefix else None
 
 
-def _parse(raw):
+# Deeper than any request llama-server is sent in practice (a JSON schema in a tool or a
+# response_format nests a few dozen levels at most), and far from where Python's parser
+# runs out of stack (about 900 levels), so the limit does not depend on the stack.
+MAX_DEPTH = 128
+# Python refuses longer integers (sys.int_max_str_digits); llama-server reads any integer
+# beyond 64 bits as a floating-point number anyway.
+MAX_DIGITS = 4300
+
+
+def read(raw):
+    """A request body as bioproxy must read it: a JSON object, or BadRequest saying why.
+
+    Stricter than Python's parser where it would read something else than llama-server
+    does (NaN and Infinity, numbers too large for a double, a key given twice), and bounded
+    where it would fail on its own (nesting, long integers).
+    """
     try:
-        body = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("request body is not valid UTF-8") from None
+    try:
+        body = json.loads(
+            text,
+            object_pairs_hook=_object,
+            parse_constant=_constant,
+            parse_float=_float,
+            parse_int=_int,
+        )
+    except RecursionError:
+        raise _too_deep() from None
     except ValueError as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
+    if _depth_beyond(body, MAX_DEPTH):
+        raise _too_deep()
     return body
+
+
+def _too_deep():
+    return BadRequest(f"request body is nested more than {MAX_DEPTH} levels deep")
+
+
+def _object(pairs):
+    body = dict(pairs)
+    if len(body) < len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        # JSON parsers disagree on which one counts: bioproxy cannot know what was meant.
+        raise BadRequest(f"request body has the key {key[:80]!r} twice in one object")
+    return body
+
+
+def _constant(name):
+    raise BadRequest(f"request body holds {name}, which JSON does not allow")
+
+
+def _float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise BadRequest(f"request body holds a number too large to read: {text[:40]}...")
+    return value
+
+
+def _int(text):
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise BadRequest(f"request body holds an integer of more than {MAX_DIGITS} digits")
+    return int(text)
+
+
+def _depth_beyond(value, limit):
+    """Whether containers nest deeper than limit levels (the outermost one is level 1)."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def _last_user_text(body):

@@ -1,7 +1,6 @@
 """Prometheus metrics: the exporter's request metrics plus bioproxy's own."""
 
 import gc
-import re
 import time
 from collections import deque
 
@@ -10,47 +9,13 @@ from greenlet import greenlet
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_flask_exporter import PrometheusMetrics
 
+from . import endpoints
+
 PREFIX = "bioproxy"
 
 # The methods the proxy forwards; a request with another one is not counted, so made-up
 # methods cannot create series either.
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-
-# llama-server's API paths; anything else is counted as "other", so an arbitrary
-# path cannot create a new time series.
-KNOWN_PATHS = frozenset(
-    {
-        "/",
-        "/health",
-        "/v1/health",
-        "/metrics",
-        "/props",
-        "/slots",
-        "/models",
-        "/v1/models",
-        "/api/tags",
-        "/completion",
-        "/completions",
-        "/v1/completions",
-        "/chat/completions",
-        "/v1/chat/completions",
-        "/v1/messages",
-        "/v1/messages/count_tokens",
-        "/infill",
-        "/embedding",
-        "/embeddings",
-        "/v1/embeddings",
-        "/rerank",
-        "/reranking",
-        "/v1/rerank",
-        "/v1/reranking",
-        "/tokenize",
-        "/detokenize",
-        "/apply-template",
-        "/lora-adapters",
-    }
-)
-SLOT_PATH = re.compile(r"/slots/\d+")
 
 
 def count_greenlets():
@@ -60,12 +25,7 @@ def count_greenlets():
 
 def endpoint(req):
     """The metrics label for a request's path: a llama-server endpoint, or "other"."""
-    path = req.path
-    if path in KNOWN_PATHS:
-        return path
-    if SLOT_PATH.fullmatch(path):
-        return "/slots/{id}"
-    return "other"
+    return endpoints.label(endpoints.backend_path(endpoints.request_target(req.environ)))
 
 
 class Metrics:

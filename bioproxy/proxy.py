@@ -2,20 +2,19 @@
 
 import hmac
 import logging
-import re
 import socket
 import time
 from contextlib import contextmanager
-from urllib.parse import quote
 
 import gevent
 import urllib3
 from flask import Blueprint, Response, current_app, g, request
 from gevent.socket import wait_read
 
-from . import injection, templated
+from . import endpoints, injection, templated
 from . import upstream as upstream_module
 from .errors import (
+    BadRequest,
     ClientGone,
     RequestTimeout,
     RequestTooLarge,
@@ -32,13 +31,10 @@ from .metrics import METHODS
 bp = Blueprint("proxy", __name__)
 access_log = logging.getLogger("bioproxy.access")
 
-SLOT_ACTION = re.compile(r"/slots/[^/]+")
-# The endpoints that evaluate a prompt in a slot (they take "id_slot").
-SLOTTED_PATHS = injection.CHAT_PATHS | injection.COMPLETION_PATHS | {"/infill"}
-# Their bodies are JSON, whatever the label; llama-server reads them all as JSON, and so
-# bioproxy accepts what common clients send: none, JSON, curl -d's form type, and the
-# text/plain of a browser's fetch() with a string body. Other labels (multipart forms,
-# XML, ...) are a client's mistake.
+# The bodies of the endpoints that evaluate a prompt are JSON, whatever the label:
+# llama-server reads them all as JSON, and so bioproxy accepts what common clients send:
+# none, JSON, curl -d's form type, and the text/plain of a browser's fetch() with a
+# string body. Other labels (multipart forms, XML, ...) are a client's mistake.
 JSON_TYPES = frozenset({"", "application/json", "application/x-www-form-urlencoded", "text/plain"})
 
 
@@ -63,13 +59,8 @@ def start_tracking():
     g.user, g.template, g.cache = False, None, None  # templated.forward sets the last two
     state = current_app.extensions["bioproxy"]
     state.metrics.in_flight.inc()
-    # Before anything else: a request without the key must not even hold warmups off.
     if state.settings.api_key:
         authorize(request, state.settings.api_key)
-    # Work for the model comes as POST; probes and listings (GET) do not hold warmups off.
-    g.user = request.method == "POST"
-    if g.user:
-        state.warmer.user_started()
 
 
 @bp.after_request
@@ -77,7 +68,7 @@ def track_until_closed(response):
     """Count the request in flight and log it once its response is closed (stream sent)."""
     state = current_app.extensions["bioproxy"]
     metrics, warmer = state.metrics, state.warmer
-    line = (request.remote_addr, request.method, request_target(request.environ))
+    line = (request.remote_addr, request.method, endpoints.request_target(request.environ))
     status, started, user = response.status_code, g.started, g.user
     template, cache = g.template or "", g.cache or "-"
     if response.mimetype == "text/event-stream" and status == 200:
@@ -123,7 +114,16 @@ def forward(path):
     """Forward the request as it came and stream llama.cpp's answer back."""
     state = current_app.extensions["bioproxy"]
     settings = state.settings
-    if state.warmer.entries and request.method == "POST" and SLOT_ACTION.fullmatch(request.path):
+    target = endpoints.request_target(request.environ)
+    if not target.startswith("/"):
+        # An absolute-form ("http://host/..."), authority-form or asterisk-form target, or
+        # anything else: joined to backend_url it could name another host.
+        raise BadRequest(
+            "only origin-form request targets (a path starting with /) are forwarded",
+            code="invalid_request_target",
+        )
+    path = endpoints.backend_path(target)
+    if state.warmer.entries and endpoints.is_slot_action(request.method, path):
         # Clients could erase the warm slots or overwrite bioproxy's saved files.
         raise SlotApiReserved(
             "llama-server's slot actions are reserved to bioproxy, which "
@@ -137,23 +137,24 @@ def forward(path):
     )
     headers = upstream_module.end_to_end(list(request.headers.items()), owned)
     headers += forwarded_headers(request, settings.trust_forwarded_for)
-    target = request_target(request.environ)
 
     def send(body, wrap=None):
         answer = send_upstream(state, request.method, target, headers, body)
         return passthrough(answer, state.metrics, wrap)
 
-    slotted = request.method == "POST" and request.path in SLOTTED_PATHS
-    if slotted and request.mimetype not in JSON_TYPES and not request.mimetype.endswith("+json"):
+    if not endpoints.is_slotted(request.method, path):
+        return send(body)  # not read: llama.cpp gets it as it came
+    # It evaluates a prompt: it waits for a slot of its own, so bioproxy reads it.
+    if request.mimetype not in JSON_TYPES and not request.mimetype.endswith("+json"):
         raise UnsupportedMediaType(
-            f"a {request.path} body is JSON: send it as application/json, not {request.mimetype}"
+            f"a {path} body is JSON: send it as application/json, not {request.mimetype}"
         )
-    match = injection.find(request.method, request.path, body, state.warmer.entries)
-    if slotted:
-        # Evaluates a prompt: it waits for a slot of its own.
-        watch = ClientWatch(request.environ)
-        return templated.forward(state, body, match, send, watch)
-    return send(body)
+    parsed = injection.read(body)
+    match = injection.find(path, parsed, state.warmer.entries)
+    # A user from here on: warmups give way until its answer has been sent.
+    g.user = True
+    state.warmer.user_started()
+    return templated.forward(state, body, parsed, match, send, ClientWatch(request.environ))
 
 
 class ClientWatch:
@@ -277,17 +278,6 @@ def read_body(req, limit, timeout):
     if len(body) > limit:
         raise too_large
     return body
-
-
-def request_target(environ):
-    """The path and query exactly as the client sent them."""
-    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
-    if raw.startswith("/"):
-        return raw
-    # Not under gunicorn (tests), or an absolute-form target: rebuild it.
-    path = quote(environ.get("PATH_INFO", "").encode("latin-1"), safe="/:@!$&'()*+,;=-._~%")
-    query = environ.get("QUERY_STRING")
-    return f"{path}?{query}" if query else path
 
 
 # Probes and CORS preflights carry no key (llama-server lets its /health through too).

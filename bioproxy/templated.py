@@ -54,14 +54,14 @@ class Tail(Progress):
         return timings if isinstance(timings, dict) else None
 
 
-def forward(state, raw, match, send, watch=None):
+def forward(state, raw, body, match, send, watch=None):
     """Forward a request that makes llama-server evaluate a prompt, in a slot bioproxy chose.
 
     The request waits in the scheduler's queue for a slot and is pinned to it; a templated
     one has its template expanded, in a slot that holds its cache when one can. raw is the
-    body as the client sent it, match the template found in it (or None). send(body, wrap)
-    forwards a body and returns the streaming response. watch, a ClientWatch, ends the
-    request if its client leaves before the answer starts.
+    body as the client sent it, body that parsed, match the template found in it (or None).
+    send(body, wrap) forwards a body and returns the streaming response. watch, a
+    ClientWatch, ends the request if its client leaves before the answer starts.
     """
     warmer = state.warmer
     entry = warmer.entries[match.prefix] if match else None
@@ -69,7 +69,6 @@ def forward(state, raw, match, send, watch=None):
         raise TemplateBroken(
             f"template {entry.prefix} ({entry.path}) cannot be used: {entry.error}"
         )
-    body = match.body if match else _json_object(raw)
     ticket = _ticket(warmer.slots, body, match)
     try:
         with watch.guard() if watch else nullcontext():
@@ -166,8 +165,6 @@ def release(warmer, ticket, digest=None, drain=False):
 
 def _ticket(slots, body, match):
     """The scheduler Ticket for a request, or None when bioproxy cannot place it."""
-    if body is None:
-        return None
     if slots.count == 0:
         return None  # llama-server has not answered the warmer yet (it may be down)
     wanted = body.get("id_slot", -1)
@@ -176,15 +173,6 @@ def _ticket(slots, body, match):
     # Only chat requests match a warmed cache; templated completions are placed as plain.
     template = match.prefix if match and match.chat else None
     return Ticket(USER, template, wanted if wanted >= 0 else None)
-
-
-def _json_object(raw):
-    """The body parsed, if it is a JSON object; else None."""
-    try:
-        body = json.loads(raw)
-    except ValueError:  # UnicodeDecodeError included
-        return None
-    return body if isinstance(body, dict) else None
 
 
 def _pin(raw, body, slot):

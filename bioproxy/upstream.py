@@ -100,8 +100,12 @@ class Upstream:
         """Send a client's request and return the streamed response once its headers arrive.
 
         The target was already checked by the server that parsed the client's request
-        line, so it is used as sent (re-parsing it cost 5% of a small request).
+        line, so it is used as sent (re-parsing it cost 5% of a small request). It must
+        be origin-form: a URL's authority ends at the first "/" after "//", so base_url
+        followed by a "/" keeps base_url's host and port whatever comes next.
         """
+        if not target.startswith("/"):
+            raise ValueError(f"not an origin-form request target: {target[:80]!r}")
         prepared = requests.PreparedRequest()
         prepared.prepare_method(method)
         prepared.url = self.base_url + _ascii_target(target)

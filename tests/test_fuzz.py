@@ -50,11 +50,46 @@ def encoded(value):
     return text.encode()
 
 
+KEY = st.sampled_from([b"messages", b"prompt", b"id_slot", b"x"])
+USER = b'{"role": "user", "content": "@code hi"}'
+# What Python's parser alone fails on or reads otherwise than llama-server: nesting deep
+# enough to exhaust its stack, wide bodies, numbers beyond a double or 4,300 digits, the
+# constants JSON does not have, and a key given twice.
+HOSTILE = st.one_of(
+    st.builds(
+        lambda key, n: b'{"%s": %s%s}' % (key, b"[" * n, b"]" * n),
+        KEY,
+        st.integers(100, 200_000),
+    ),
+    st.builds(
+        lambda key, n: b'{"%s": %s"x"%s}' % (key, b'{"a":' * n, b"}" * n),
+        KEY,
+        st.integers(100, 5_000),
+    ),
+    st.builds(lambda n: b'{"messages": [%s]}' % b",".join([USER] * n), st.integers(1, 20_000)),
+    st.builds(
+        lambda key, number: b'{"%s": %s}' % (key, number),
+        KEY,
+        st.one_of(
+            st.integers(300, 100_000).map(lambda e: b"1e%d" % e),
+            st.integers(300, 100_000).map(lambda e: b"-2.5E+%d" % e),
+            st.integers(4_000, 20_000).map(lambda n: b"9" * n),
+            st.sampled_from([b"NaN", b"Infinity", b"-Infinity"]),
+        ),
+    ),
+    st.builds(
+        lambda key, first, second: b'{"%s": %s, "%s": %s}' % (key, first, key, second),
+        KEY,
+        st.sampled_from([b"[]", b"0", b"[%s]" % USER]),
+        st.sampled_from([b"[%s]" % USER, b'"@code hi"', b"1"]),
+    ),
+)
 BODIES = st.one_of(
     st.builds(encoded, CHAT),
     st.builds(encoded, JSON),
     st.binary(max_size=64),
     st.builds(lambda b: b"\xef\xbb\xbf" + b, st.builds(encoded, CHAT)),  # a UTF-8 BOM
+    HOSTILE,
 )
 
 
@@ -86,7 +121,11 @@ def test_no_request_body_gets_a_500(fuzzed, monkeypatch, tmp_path, body, path):
             mock.post(f"{BACKEND}{upstream}", json={"ok": True})
         app = create_app({"backend_url": BACKEND, "state_dir": str(tmp_path / "state")})
         app.test_client_class = ListenerClient
-        app.extensions["bioproxy"].warmer.slots.refresh()
+        warmer = app.extensions["bioproxy"].warmer
+        warmer.slots.refresh()
+        users = []  # each request that held warmups off
+        user_started = warmer.user_started
+        warmer.user_started = lambda: (users.append(1), user_started())
 
         answer = app.test_client().post(path, data=body)
         answer.close()  # the slot is given back when the response is closed
@@ -94,7 +133,10 @@ def test_no_request_body_gets_a_500(fuzzed, monkeypatch, tmp_path, body, path):
         assert answer.status_code in (200, 400), (answer.status_code, answer.get_data()[:300])
         if answer.status_code == 400:
             assert answer.json["error"]["type"] == "invalid_request_error"
-        assert app.extensions["bioproxy"].warmer.scheduler.busy == {}
+            # Refused before it counted as a user: no slot taken, no warmup held off.
+            assert (warmer.scheduler.used, users) == ({}, [])
+        assert warmer.scheduler.busy == {}
+        assert warmer.users == 0
 
 
 @settings(max_examples=300, deadline=None)

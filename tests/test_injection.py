@@ -4,12 +4,19 @@ import json
 
 import pytest
 
+from bioproxy import endpoints, injection
 from bioproxy.errors import BadRequest
-from bioproxy.injection import find
 from bioproxy.templates import Template
 
 PREFIXES = ["@code", "@codex"]
 TEMPLATE = Template("@code", "t.txt", ("Before. ", " After."), ("/t.txt",), "d" * 64)
+
+
+def find(method, path, raw, prefixes):
+    """What the proxy does: read the body of a request that takes a slot, find its prefix."""
+    if not endpoints.is_slotted(method, path):
+        return None
+    return injection.find(path, injection.read(raw), prefixes)
 
 
 def chat(*messages, **extra):
@@ -103,16 +110,17 @@ def test_non_ascii_text_survives_expansion():
 
 
 @pytest.mark.parametrize(
-    "method, path, prefixes",
-    [
-        ("GET", "/v1/chat/completions", PREFIXES),
-        ("POST", "/v1/embeddings", PREFIXES),
-        ("POST", "/v1/chat/completions", []),
-    ],
+    "method, path", [("GET", "/v1/chat/completions"), ("POST", "/v1/embeddings")]
 )
-def test_other_requests_are_not_read(method, path, prefixes):
+def test_other_requests_are_not_read(method, path):
     # Not even parsed: invalid JSON passes through untouched.
-    assert find(method, path, b"{not json", prefixes) is None
+    assert find(method, path, b"{not json", PREFIXES) is None
+
+
+def test_a_body_that_takes_a_slot_is_read_without_templates_too():
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        find("POST", "/v1/chat/completions", b"{not json", [])
+    assert find("POST", "/v1/chat/completions", chat(user("@code hi")), []) is None
 
 
 @pytest.mark.parametrize(
@@ -122,6 +130,17 @@ def test_other_requests_are_not_read(method, path, prefixes):
         (b'"a string"', "request body must be a JSON object"),
         (b"\xff\xfe", "request body is not valid UTF-8"),
         (b'{"messages": "hi"}', "'messages' must be a list"),
+        # What Python's parser fails on by itself (a 500 before), or reads otherwise than
+        # llama-server does.
+        (b'{"messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested more than 128"),
+        (b'{"a":' + b"[" * 129 + b"]" * 129 + b"}", "nested more than 128"),
+        (b'{"a": NaN}', "holds NaN"),
+        (b'{"a": -Infinity}', "holds -Infinity"),
+        (b'{"a": 1e400}', "a number too large to read"),
+        (b'{"a": -1.5e999}', "a number too large to read"),
+        (b'{"a": ' + b"9" * 5000 + b"}", "more than 4300 digits"),
+        (b'{"messages": [], "messages": [{"role": "user", "content": "@code x"}]}', "twice"),
+        (b'{"a": {"id_slot": 0, "id\\u005fslot": 1}}', "'id_slot' twice"),
     ],
 )
 def test_bodies_bioproxy_must_read_but_cannot_are_400(raw, message):

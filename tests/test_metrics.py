@@ -30,8 +30,8 @@ def request_count(admin, path_label, status):
 
 
 class FakeRequest:
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, target):
+        self.environ = {"RAW_URI": target}
 
 
 @pytest.mark.parametrize(
@@ -40,9 +40,16 @@ class FakeRequest:
         ("/v1/chat/completions", "/v1/chat/completions"),
         ("/health", "/health"),
         ("/slots/3", "/slots/{id}"),
-        ("/slots/x", "other"),
+        # llama-server routes every one of these to its slot actions.
+        ("/slots/x", "/slots/{id}"),
+        ("/slots/0/", "/slots/{id}"),
+        ("/slots%2F0?action=save", "/slots/{id}"),
+        # Labelled by the endpoint llama-server serves them with.
+        ("/v1/chat%2Fcompletions", "/v1/chat/completions"),
+        ("/v1/chat/completion%u0073?x=1", "/v1/chat/completions"),
         ("/random/path/123", "other"),
         ("/v1/chat/completions/extra", "other"),
+        ("/slots/0/x", "other"),
     ],
 )
 def test_endpoint_label_is_bounded(path, label):

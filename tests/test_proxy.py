@@ -7,7 +7,12 @@ import json
 import pytest
 import requests
 import responses
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from urllib3.util import parse_url
 
+from bioproxy.errors import UpstreamUnavailable
+from bioproxy.upstream import Upstream
 from tests.conftest import BACKEND
 
 
@@ -284,10 +289,10 @@ def test_chunked_body_over_the_limit_is_a_413(make_app):
 
 @responses.activate
 def test_body_at_the_limit_is_forwarded(make_app):
-    responses.post(f"{BACKEND}/completion", json={})
+    responses.post(f"{BACKEND}/tokenize", json={})
     client = make_app(max_request_bytes=100).test_client()
 
-    assert client.post("/completion", data=b"x" * 100).status_code == 200
+    assert client.post("/tokenize", data=b"x" * 100).status_code == 200
     assert responses.calls[0].request.body == b"x" * 100
 
 
@@ -456,3 +461,53 @@ def test_a_request_without_the_key_does_not_hold_warmups_off(make_app):
     assert not running.cancelled
     assert warmer.users == 0 and warmer.idle.is_set()
     assert app.extensions["bioproxy"].metrics.in_flight._value.get() == 0
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "@127.0.0.1:9/steal",  # joined to backend_url: http://llama.test:8081@127.0.0.1:9/steal
+        "http://127.0.0.1:9/steal",
+        "127.0.0.1:9",
+        "*",
+        "steal",
+    ],
+)
+@responses.activate
+def test_only_origin_form_targets_are_forwarded(client, target):
+    answer = client.get("/steal", environ_overrides={"RAW_URI": target})
+
+    assert answer.status_code == 400
+    assert answer.get_json()["error"]["code"] == "invalid_request_target"
+    # Nothing but bioproxy's own look at llama.cpp (its /props and /slots).
+    assert {c.request.url.split("?")[0] for c in responses.calls} <= {
+        f"{BACKEND}/props",
+        f"{BACKEND}/slots",
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0xFF), max_size=40))
+def test_no_origin_form_target_changes_the_upstream_host(rest):
+    upstream = Upstream("http://127.0.0.1:8081", 1, 1, 1)
+    target = "/" + rest
+    seen = []
+
+    def record(prepared, **kwargs):
+        seen.append(parse_url(prepared.url))
+        raise requests.ConnectionError("recorded")
+
+    upstream.adapter.send = record
+    with pytest.raises(UpstreamUnavailable):
+        upstream.send("GET", target, [], b"")
+    assert (seen[0].scheme, seen[0].host, seen[0].port, seen[0].auth) == (
+        "http",
+        "127.0.0.1",
+        8081,
+        None,
+    )
+
+
+def test_the_upstream_refuses_a_target_that_is_not_origin_form():
+    with pytest.raises(ValueError, match="not an origin-form request target"):
+        Upstream("http://127.0.0.1:8081", 1, 1, 1).send("GET", "@evil:1/x", [], b"")

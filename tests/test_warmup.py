@@ -278,8 +278,25 @@ def test_the_chat_template_renders_the_warmed_head(app, llama):
     assert not llama.evaluated[0][1].endswith(END)
 
 
-def test_clients_may_not_use_the_slot_api_while_templates_are_served(app, llama, client):
-    answer = client.post("/slots/0?action=erase", data=b"{}")
+# Every spelling that llama-server's router sends to its slot actions ("/slots/:id_slot"
+# in cpp-httplib: any one segment, one trailing "/", %XX and %uXXXX decoded first).
+SLOT_ACTION_SPELLINGS = [
+    "/slots/0?action=erase",
+    "/slots/0/?action=erase",
+    "/slots/?action=erase",
+    "/slots/x?action=erase",
+    "/slots%2F0?action=erase",
+    "/slots%2f0%2F?action=erase",
+    "/%73lots/0?action=erase",
+    "/slot%u0073/0?action=erase",
+    "/slots/0#x?action=erase",
+    "/prefix/slots/0?action=erase",
+]
+
+
+@pytest.mark.parametrize("target", SLOT_ACTION_SPELLINGS)
+def test_clients_may_not_use_the_slot_api_while_templates_are_served(app, llama, client, target):
+    answer = client.post(target, data=b"{}", environ_overrides={"RAW_URI": target})
 
     assert answer.status_code == 403
     assert answer.get_json()["error"]["code"] == "slot_api_reserved"

@@ -16,7 +16,7 @@ import requests
 
 from bioproxy import templates
 from tests.faultproxy import FaultProxy
-from tests.servers import Bioproxy
+from tests.servers import Bioproxy, wait_until
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 SIZE = 10_000_000
@@ -202,3 +202,35 @@ def test_a_template_that_repeats_a_10_mb_message_is_a_413_and_never_sent(start, 
     while not server.settled():
         assert time.monotonic() < deadline, "a slot stayed taken"
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested more than 128"),
+        (b'{"messages": [{"role": "user", "content": "@code hi"}], "max_tokens": NaN}', "NaN"),
+        (b'{"prompt": "@code hi", "n_predict": 1e999}', "number too large"),
+        (b'{"messages": [], "messages": [{"role": "user", "content": "hi"}]}', "twice"),
+    ],
+)
+def test_a_body_bioproxy_cannot_read_is_a_400_that_changes_nothing(start, body, reason):
+    server = start()
+    wait_until(
+        lambda: server.templates()["@code"]["state"] == "warm" and server.settled(),
+        what="@code warm, every slot idle",
+    )
+    before = server.recorder.received()
+    answer = requests.post(
+        server.proxy_url + "/v1/chat/completions",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert (error["code"], error["type"]) == ("bad_request", "invalid_request_error")
+    assert reason in error["message"]
+    # Never sent, no slot taken, no warmup held off.
+    assert server.recorder.received() == before
+    assert server.settled()
+    assert server.metric("bioproxy_warmup_cancellations_total") == 0
