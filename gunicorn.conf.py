@@ -30,7 +30,8 @@ bind = [_settings.proxy_bind, _settings.admin_bind]
 # gives the one worker thousands of concurrent connections, and the work itself happens
 # in llama-server. on_starting() below refuses any other setting.
 workers = 1
-worker_class = "gevent"
+# gunicorn's gevent worker, answering gunicorn's own errors in JSON (bioproxy/worker.py).
+worker_class = "bioproxy.worker.Worker"
 worker_connections = 1000
 preload_app = False
 
@@ -60,7 +61,7 @@ def on_starting(server):
     problems = []
     if server.cfg.workers != 1:
         problems.append(f"workers = {server.cfg.workers}")
-    if server.cfg.worker_class_str != "gevent":
+    if server.cfg.worker_class_str not in ("gevent", worker_class):
         problems.append(f"worker_class = {server.cfg.worker_class_str!r}")
     if problems:
         sys.exit(
@@ -74,7 +75,7 @@ def when_ready(server):
     if os.environ.get("BIOPROXY_BANNER"):
         from bioproxy.banner import banner
 
-        print(banner(_settings), flush=True)
+        print(banner(_settings, chat_page=bool(os.environ.get("BIOPROXY_CHAT_PAGE"))), flush=True)
 
 
 def post_worker_init(worker):
@@ -89,6 +90,7 @@ def post_worker_init(worker):
     logger.handlers = worker.log.error_log.handlers
     logger.setLevel(worker.log.error_log.level)
     logger.propagate = False
+    logger.info("%s", _config.describe_source(_settings))
     # The greenlet that watches the templates and keeps them warm, stopped as soon as the
     # worker is told to go (SIGTERM, or a reload): it must not start work it cannot finish,
     # nor overlap with the next worker's warmups.

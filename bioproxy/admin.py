@@ -96,7 +96,12 @@ def metrics():
 def templates():
     """Each configured template: its file, state, tokens, save file and last warmup."""
     warmer = current_app.extensions["bioproxy"].warmer
-    return jsonify({"templates": [describe(warmer, entry) for entry in warmer.entries.values()]})
+    return jsonify(
+        {
+            "backend": backend_seen(warmer.slots),
+            "templates": [describe(warmer, entry) for entry in warmer.entries.values()],
+        }
+    )
 
 
 @bp.post("/templates/<prefix>/warmup", host="admin")
@@ -116,10 +121,18 @@ def status():
     """What bioproxy is doing: llama-server's slots, the queue, the warmups."""
     state = current_app.extensions["bioproxy"]
     warmer = state.warmer
+    scheduler = warmer.scheduler.describe()
+    if not warmer.slots.reachable:
+        # What llama-server is doing is unknown while it does not answer: only the
+        # requests bioproxy itself has sent there are known.
+        for slot in scheduler["slots"]:
+            if slot["task"] is None or slot["task"]["kind"] == "other":
+                slot["state"], slot["task"] = "unknown", None
     return jsonify(
         {
             "backend": state.upstream.base_url,
-            **warmer.scheduler.describe(),
+            "backend_seen": backend_seen(warmer.slots),
+            **scheduler,
             "warmups": warmer.describe_warmups(),
             "ttft": state.metrics.recent_first_tokens.buckets(),
         }
@@ -128,3 +141,11 @@ def status():
 
 def describe(warmer, entry):
     return entry.describe(warmer.registry, warmer.slots.model)
+
+
+def backend_seen(slots):
+    """Whether bioproxy's last look at llama-server reached it, and when one last did.
+
+    While it is unreachable, templates' and slots' states are as of that time.
+    """
+    return {"reachable": slots.reachable, "last_seen": slots.seen_at}

@@ -4,7 +4,7 @@ Kept apart from cli.py: gunicorn's master imports it, and must not import reques
 """
 
 
-def banner(settings):
+def banner(settings, chat_page=False):
     proxy = _url(settings.proxy_host, settings.proxy_port)
     admin = _url(settings.admin_host, settings.admin_port)
     lines = [
@@ -37,7 +37,11 @@ def banner(settings):
         lines.append(
             f"  curl {proxy}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
         )
-    lines += ["", f"Status page: {admin}/", "", "Press Ctrl+C to stop..."]
+    lines += [""]
+    if chat_page:
+        example = f" (try '{sorted(settings.prefixes)[0]} ...')" if settings.prefixes else ""
+        lines.append(f"Chat in a browser:  {proxy}/{example}")
+    lines += [f"Status page:        {admin}/", "", "Press Ctrl+C to stop..."]
     return "\n".join(lines)
 
 

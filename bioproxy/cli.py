@@ -14,15 +14,6 @@ from . import config, llamacpp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def use_examples_without_config(environ):
-    """With no config file at all, serve the example templates (and say so)."""
-    default = config.config_path(environ)
-    if "BIOPROXY_CONFIG" in environ or os.path.exists(default):
-        return
-    environ["BIOPROXY_CONFIG"] = os.path.join(ROOT, "examples", "config.json")
-    print(f"No config file at {default}: serving the examples in {environ['BIOPROXY_CONFIG']}")
-
-
 def backend_configured(environ):
     """Whether the user named a backend (config file or environment)."""
     if config.env_name("backend_url") in environ:
@@ -51,9 +42,14 @@ def start_local_backend(settings, binary=None):
         slot_save_path=os.path.join(folder, "slots"),
         log_path=os.path.join(folder, "llama-server.log"),
         binary=binary,
+        ui=llamacpp.ui_path(),
     )
     print(f"Starting llama-server with {llamacpp.MODEL_FILE} on {server.url}")
     print(f"  its log: {server.log_path}")
+    if server.ui:
+        os.environ["BIOPROXY_CHAT_PAGE"] = "1"  # for the banner
+    else:
+        print("  no chat page: scripts/setup builds it when Node.js 20+ and npm are there")
     server.start()
     try:
         server.wait_ready()
@@ -129,9 +125,8 @@ def check_config(environ):
     except config.ConfigError as e:
         print(f"bioproxy: configuration error: {e}")
         return 1
-    path = config.config_path(environ)
     base = config.base_dir(environ)
-    print(f"config file: {path}" + ("" if os.path.isfile(path) else " (absent: defaults)"))
+    print(config.describe_source(settings, environ))
     print(
         f"proxy {settings.proxy_bind}, admin {settings.admin_bind}, backend {settings.backend_url}"
     )
@@ -172,7 +167,6 @@ def main(argv=None):
     apply_flags(args, os.environ)
     if args.check_config:
         return check_config(os.environ)
-    use_examples_without_config(os.environ)
     try:
         local = not args.no_local_backend and not backend_configured(os.environ)
         if args.llama_port is not None:

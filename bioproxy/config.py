@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "~/.config/bioproxy/config.json"
+# Served when there is no config file at all: the example templates of this checkout.
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "config.json")
 # Where gunicorn's master keeps the settings it runs with, for a reload that fails.
 RUNNING = "BIOPROXY_RUNNING_SETTINGS"
 
@@ -74,13 +76,39 @@ def env_name(key):
 
 
 def config_path(environ=None):
-    """The config file to read: $BIOPROXY_CONFIG, else the default path."""
+    """The config file to read: $BIOPROXY_CONFIG, else the default path if it exists.
+
+    With neither, the examples (examples/config.json: the templates @code and @review),
+    so that a first start serves something; the same rule for the `bioproxy` command,
+    `gunicorn -c gunicorn.conf.py wsgi:app` and `bioproxy --check-config`.
+    """
     environ = os.environ if environ is None else environ
     named = environ.get("BIOPROXY_CONFIG")
     if named:
         return os.path.expanduser(named)
+    default = default_path(environ)
+    if not os.path.exists(default) and os.path.isfile(EXAMPLES):
+        return EXAMPLES
+    return default
+
+
+def default_path(environ):
     home = environ.get("HOME") or os.path.expanduser("~")
     return os.path.join(home, DEFAULT_PATH.removeprefix("~/"))
+
+
+def describe_source(settings, environ=None):
+    """One line: which config file is in use, and its templates."""
+    environ = os.environ if environ is None else environ
+    path = config_path(environ)
+    if path == EXAMPLES and "BIOPROXY_CONFIG" not in environ:
+        source = f"{path} (the examples: no config file at {default_path(environ)})"
+    elif os.path.isfile(path):
+        source = path
+    else:
+        source = f"none ({path} is absent: defaults and environment)"
+    names = ", ".join(sorted(settings.prefixes)) or "none"
+    return f"config: {source}; {len(settings.prefixes)} template(s): {names}"
 
 
 def base_dir(environ=None):

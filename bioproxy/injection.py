@@ -17,13 +17,11 @@ class Match:
         self.message = strip_prefix(place[0][place[1]], prefix)
         self.chat = chat  # chat requests are the ones whose template cache is warmed
 
-    def expand(self, template, slot=None):
-        """The new body: the template around the message, pinned to a slot if given."""
+    def expand(self, template):
+        """The new body: the template around the message, llama-server's cache asked for."""
         holder, key = self.place
         holder[key] = template.render(self.message)
-        if slot is not None:
-            self.body["id_slot"] = slot
-            self.body["cache_prompt"] = True
+        self.body["cache_prompt"] = True
         return dump(self.body)
 
 

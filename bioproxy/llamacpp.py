@@ -11,6 +11,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 
 import requests
@@ -95,6 +96,12 @@ def model_path():
     return path
 
 
+def ui_path():
+    """The folder of llama-server's chat page that scripts/setup put in .venv, or None."""
+    path = os.path.join(sys.prefix, "llama-ui")
+    return path if os.path.isfile(os.path.join(path, "index.html")) else None
+
+
 class LlamaServer:
     """One llama-server process listening on host:port."""
 
@@ -108,6 +115,7 @@ class LlamaServer:
         log_path=os.devnull,
         extra_args=(),
         binary=None,
+        ui=None,
     ):
         self.host = host
         self.port = port
@@ -118,6 +126,7 @@ class LlamaServer:
         self.log_path = log_path
         self.extra_args = list(extra_args)
         self.binary = binary
+        self.ui = ui  # a folder with llama-server's chat page, served at /
         self.process = None
         # Where this run's output starts in the log, which may hold earlier runs too.
         self.log_offset = 0
@@ -148,6 +157,8 @@ class LlamaServer:
         ]
         if self.slot_save_path:
             args += ["--slot-save-path", self.slot_save_path]
+        if self.ui:
+            args += ["--path", self.ui]
         return args + self.extra_args
 
     def start(self):

@@ -93,8 +93,9 @@ class Metrics:
         )
         self.first_token = Histogram(
             f"{PREFIX}_time_to_first_token_seconds",
-            "Time from a streamed request's arrival to the first chunk of its answer, by "
-            "template (empty for plain requests).",
+            "Time from a streamed request's arrival to the first generated content of its "
+            "answer (text or a tool call; progress events do not count), by template (empty "
+            "for plain requests).",
             ["template"],
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
@@ -160,31 +161,33 @@ class Metrics:
 
 
 class FirstTokens:
-    """Times to first token of the last minutes, for the status page's chart."""
+    """Times to first token of the last minutes, templated and plain, for the status page."""
 
     def __init__(self, window=15 * 60, bucket=15, limit=20_000):
         self.window, self.bucket = window, bucket
-        self.samples = deque(maxlen=limit)  # (wall-clock time, seconds), oldest first
+        self.samples = deque(maxlen=limit)  # (wall-clock time, seconds, kind), oldest first
 
-    def add(self, seconds, now=None):
-        self.samples.append((time.time() if now is None else now, seconds))
+    def add(self, seconds, kind="plain", now=None):
+        self.samples.append((time.time() if now is None else now, seconds, kind))
 
     def buckets(self, now=None):
-        """[{at, count, p50_ms, p95_ms}] per bucket with samples, oldest first."""
+        """[{at, kind, count, p50_ms, p95_ms}] per bucket and kind with samples, oldest first."""
         now = time.time() if now is None else now
         while self.samples and self.samples[0][0] < now - self.window:
             self.samples.popleft()
         grouped = {}
-        for at, seconds in self.samples:
-            grouped.setdefault(int(at // self.bucket) * self.bucket, []).append(seconds)
+        for at, seconds, kind in self.samples:
+            key = (int(at // self.bucket) * self.bucket, kind)
+            grouped.setdefault(key, []).append(seconds)
         return [
             {
                 "at": at,
+                "kind": kind,
                 "count": len(values),
                 "p50_ms": round(_quantile(values, 0.5) * 1000, 1),
                 "p95_ms": round(_quantile(values, 0.95) * 1000, 1),
             }
-            for at, values in sorted(grouped.items())
+            for (at, kind), values in sorted(grouped.items())
         ]
 
 

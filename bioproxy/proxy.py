@@ -1,6 +1,7 @@
 """The proxy port: every request goes on to llama.cpp and its answer streams back."""
 
 import hmac
+import json
 import logging
 import socket
 import time
@@ -29,6 +30,7 @@ from .errors import (
 from .metrics import METHODS
 
 bp = Blueprint("proxy", __name__)
+log = logging.getLogger(__name__)
 access_log = logging.getLogger("bioproxy.access")
 
 # The bodies of the endpoints that evaluate a prompt are JSON, whatever the label:
@@ -72,7 +74,7 @@ def track_until_closed(response):
     status, started, user = response.status_code, g.started, g.user
     template, cache = g.template or "", g.cache or "-"
     if response.mimetype == "text/event-stream" and status == 200:
-        response.response = first_chunk_timed(response.response, started, metrics, template)
+        response.response = first_content_timed(response.response, started, metrics, template)
 
     def done():
         metrics.in_flight.dec()
@@ -92,20 +94,58 @@ def track_until_closed(response):
     return response
 
 
-def first_chunk_timed(chunks, started, metrics, template):
-    """A streamed body that records its time to first token when its first chunk comes."""
-    timed = False
+def first_content_timed(chunks, started, metrics, template):
+    """A streamed body that records its time to first token at its first generated content.
+
+    Not at its first chunk: llama-server's web UI asks for progress events
+    (`return_progress`), and those come, empty, long before the first token.
+    """
+    timed, pending = False, b""
     try:
         for chunk in chunks:
-            if not timed and chunk:
-                seconds = time.monotonic() - started
-                metrics.first_token.labels(template).observe(seconds)
-                metrics.recent_first_tokens.add(seconds)
-                timed = True
+            if not timed:
+                pending += chunk
+                events = pending.split(b"\n\n")
+                pending = events.pop()  # a part of an event yet to come
+                if any(map(has_content, events)):
+                    seconds = time.monotonic() - started
+                    metrics.first_token.labels(template).observe(seconds)
+                    metrics.recent_first_tokens.add(seconds, "templated" if template else "plain")
+                    timed, pending = True, b""
+                elif len(pending) > CONTENT_SCAN_BYTES:
+                    timed, pending = True, b""  # not an SSE stream of llama-server's: not timed
             yield chunk
     finally:
         if hasattr(chunks, "close"):
             chunks.close()
+
+
+CONTENT_SCAN_BYTES = 64 * 1024
+
+
+def has_content(event):
+    """Whether an SSE event of llama-server's carries generated text or a tool call."""
+    for line in event.splitlines():
+        if not line.startswith(b"data:"):
+            continue
+        try:
+            data = json.loads(line[5:])
+        except ValueError:
+            continue  # [DONE], or not JSON
+        if not isinstance(data, dict):
+            continue
+        if data.get("content"):  # /completion
+            return True
+        for choice in data.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            if choice.get("text") or (
+                isinstance(delta, dict)
+                and any(delta.get(k) for k in ("content", "reasoning_content", "tool_calls"))
+            ):
+                return True
+    return False
 
 
 @bp.route("/", defaults={"path": ""}, methods=METHODS, host="proxy")
@@ -151,10 +191,12 @@ def forward(path):
         )
     parsed = injection.read(body)
     match = injection.find(path, parsed, state.warmer.entries)
+    expansion = templated.expand(state, match) if match else None
     # A user from here on: warmups give way until its answer has been sent.
     g.user = True
     state.warmer.user_started()
-    return templated.forward(state, body, parsed, match, send, ClientWatch(request.environ))
+    watch = ClientWatch(request.environ)
+    return templated.forward(state, body, parsed, match, expansion, send, watch)
 
 
 class ClientWatch:
@@ -225,6 +267,7 @@ def passthrough(answer, metrics, wrap=None):
         first = next(body, b"")
     except UpstreamCut as e:
         error = _first_chunk_error(e)
+        log.warning("%s: %s", error.code, e.strerror)
         metrics.upstream_errors.labels(error.code).inc()
         raise error from e
     chunks = stream_body(first, body, metrics)
@@ -247,7 +290,8 @@ def stream_body(first, body, metrics):
         if first:
             yield first
         yield from body
-    except UpstreamCut:
+    except UpstreamCut as e:
+        log.warning("the answer is cut for the client: %s", e.strerror)
         metrics.upstream_errors.labels("upstream_cut").inc()
         raise
     finally:

@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import time
 
 from .upstream import BackendError
 
@@ -24,11 +25,18 @@ class Slots:
         self.held = {}  # slot id -> (prefix, digest, id_task seen after bioproxy's use)
         self.tasks = {}  # slot id -> last id_task seen, to notice a restart
         self.processing = set()  # slots GET /slots showed processing at the last refresh
+        self.seen_at = None  # wall-clock time of the last refresh that reached llama-server
+        self.reachable = False  # whether the last refresh did
 
     def refresh(self):
         """Read /props and /slots; True when llama-server restarted or changed its model."""
-        props = self.upstream.call("GET", "/props", timeout=self.timeout)
-        slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
+        try:
+            props = self.upstream.call("GET", "/props", timeout=self.timeout)
+            slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
+        except Exception:
+            self.reachable = False
+            raise
+        self.reachable, self.seen_at = True, time.time()
         identity = model_identity(props, slots)
         tasks = {i: task for i, (task, _) in _states(slots).items()}
         # Task ids only grow while a server lives; a smaller one means a new server.

@@ -54,21 +54,50 @@ class Tail(Progress):
         return timings if isinstance(timings, dict) else None
 
 
-def forward(state, raw, body, match, send, watch=None):
-    """Forward a request that makes llama-server evaluate a prompt, in a slot bioproxy chose.
+class Expansion:
+    """A templated request's body, expanded with the template's text as it arrived."""
 
-    The request waits in the scheduler's queue for a slot and is pinned to it; a templated
-    one has its template expanded, in a slot that holds its cache when one can. raw is the
-    body as the client sent it, body that parsed, match the template found in it (or None).
-    send(body, wrap) forwards a body and returns the streaming response. watch, a
-    ClientWatch, ends the request if its client leaves before the answer starts.
+    def __init__(self, entry, template, data):
+        self.entry = entry
+        self.template = template  # that version: the file may change while it waits
+        self.data = data  # the body to send, not yet pinned to a slot
+
+
+def expand(state, match):
+    """Expand a request's template, or raise the error that refuses it.
+
+    Done before the request waits for a slot (or holds warmups off): a request refused
+    here has taken nothing.
     """
-    warmer = state.warmer
-    entry = warmer.entries[match.prefix] if match else None
-    if entry is not None and entry.template is None:
+    entry = state.warmer.entries[match.prefix]
+    template = entry.template
+    if template is None:
         raise TemplateBroken(
             f"template {entry.prefix} ({entry.path}) cannot be used: {entry.error}"
         )
+    data = match.expand(template)
+    limit = state.settings.max_request_bytes
+    if len(data) > limit:
+        # Each <{message}> gets the whole message: the body to send can be several times
+        # the one received, and llama-server would spend seconds reading it to refuse it.
+        raise RequestTooLarge(
+            f"the request with template {entry.prefix} expanded is larger than "
+            f"max_request_bytes ({limit} bytes)"
+        )
+    return Expansion(entry, template, data)
+
+
+def forward(state, raw, body, match, expansion, send, watch=None):
+    """Forward a request that makes llama-server evaluate a prompt, in a slot bioproxy chose.
+
+    The request waits in the scheduler's queue for a slot and is pinned to it; a templated
+    one goes, expanded, to a slot that holds its cache when one can. raw is the body as
+    the client sent it, body that parsed, match the template found in it (or None) and
+    expansion its expanded body. send(body, wrap) forwards a body and returns the
+    streaming response. watch, a ClientWatch, ends the request if its client leaves
+    before the answer starts.
+    """
+    warmer = state.warmer
     ticket = _ticket(warmer.slots, body, match)
     try:
         with watch.guard() if watch else nullcontext():
@@ -77,10 +106,10 @@ def forward(state, raw, body, match, send, watch=None):
                 # it): forwarded as it is, llama-server answers.
                 if match is None:
                     return send(raw)
-                return _templated(state, entry, match, send, None)
+                return _templated(state, expansion, body, send, None)
             slot = warmer.scheduler.acquire(ticket)
             if match is not None:
-                return _templated(state, entry, match, send, ticket)
+                return _templated(state, expansion, body, send, ticket)
             progress = Progress()
             response = send(_pin(raw, body, slot), progress.watch)
     except BaseException:
@@ -93,27 +122,19 @@ def forward(state, raw, body, match, send, watch=None):
     return response
 
 
-def _templated(state, entry, match, send, ticket):
-    """Expand the template into the request and forward it, in the ticket's slot if any."""
+def _templated(state, expansion, body, send, ticket):
+    """Forward an expanded request, in the ticket's slot if any."""
     warmer, metrics = state.warmer, state.metrics
-    template = entry.template
+    entry, template = expansion.entry, expansion.template
     slot = ticket.slot if ticket else None
-    body = match.expand(template, slot)
-    limit = state.settings.max_request_bytes
-    if len(body) > limit:
-        # Each <{message}> gets the whole message: the body to send can be several times
-        # the one received, and llama-server would spend seconds reading it to refuse it.
-        raise RequestTooLarge(
-            f"the request with template {entry.prefix} expanded is larger than "
-            f"max_request_bytes ({limit} bytes)"
-        )
+    data = expansion.data if slot is None else _pin(expansion.data, body, slot)
     cache = "cold"
     if ticket is not None and ticket.template is not None:
         # A slot that held the template still does unless another task ran there since.
         held = warmer.slots.holds(slot, entry.prefix, template.digest)
         cache = "slot" if held else warmer.restore(entry, template, slot)
     tail = Tail()
-    response = send(body, tail.watch)
+    response = send(data, tail.watch)
     metrics.template_requests.labels(entry.prefix, cache).inc()
     entry.requests[cache] += 1
     g.template, g.cache = entry.prefix, cache  # for the access log and the metrics

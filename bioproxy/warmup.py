@@ -499,6 +499,12 @@ class Warmer:
         self.slots.mark(slot, entry.prefix, template.digest)
         if self.current(entry, template):
             entry.tokens, entry.state, entry.failures = tokens, "warm", 0
+            entry.last_warmup = {
+                "at": time.time(),
+                "outcome": "restored",
+                "saved_at": saved.get("saved_at"),
+                "tokens": tokens,
+            }
         self.metrics.restores.labels(entry.prefix, "ok").inc()
         log.info("template %s restored into slot %d: %d tokens", entry.prefix, slot, tokens)
         return True

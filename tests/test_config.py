@@ -19,16 +19,27 @@ def write(path, values):
     return {"BIOPROXY_CONFIG": str(path)}
 
 
-def test_defaults_when_the_default_file_is_absent(tmp_path):
-    environ = {"HOME": str(tmp_path)}
-
-    assert config.config_path(environ) == str(tmp_path / ".config/bioproxy/config.json")
-    settings = load(environ=environ)
+def test_defaults_when_the_config_file_named_is_empty(tmp_path):
+    settings = load(environ=write(tmp_path / "c.json", {}))
 
     assert settings == Settings()
     assert (settings.proxy_port, settings.admin_port) == (8088, 8089)
     assert settings.admin_host == settings.proxy_host == "127.0.0.1"  # loopback only
     assert settings.backend_url == "http://localhost:8081"
+
+
+def test_without_any_config_file_the_examples_are_served_and_said(tmp_path):
+    environ = {"HOME": str(tmp_path)}
+
+    assert config.config_path(environ) == config.EXAMPLES
+    settings = load(environ=environ)
+
+    assert sorted(settings.prefixes) == ["@code", "@review"]
+    line = config.describe_source(settings, environ)
+    assert line == (
+        f"config: {config.EXAMPLES} (the examples: no config file at "
+        f"{tmp_path}/.config/bioproxy/config.json); 2 template(s): @code, @review"
+    )
 
 
 def test_the_default_file_is_read(tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bioproxy import endpoints, injection
+from bioproxy import endpoints, injection, templated
 from bioproxy.errors import BadRequest
 from bioproxy.templates import Template
 
@@ -28,7 +28,11 @@ def user(content):
 
 
 def expanded(match, slot=None):
-    return json.loads(match.expand(TEMPLATE, slot))
+    """The body sent: expanded, and pinned to a slot as the scheduler would."""
+    data = match.expand(TEMPLATE)
+    if slot is not None:
+        data = templated._pin(data, match.body, slot)
+    return json.loads(data)
 
 
 def test_the_last_user_message_is_expanded_and_pinned():
@@ -98,14 +102,15 @@ def test_completion_prompts_are_expanded_but_not_pinned(path):
     )
 
     assert match.chat is False
-    assert expanded(match) == {"prompt": "Before. hi After.", "n_predict": 4}
+    assert expanded(match) == {"prompt": "Before. hi After.", "n_predict": 4, "cache_prompt": True}
 
 
 def test_non_ascii_text_survives_expansion():
     match = find("POST", "/v1/chat/completions", chat(user("@code ¿Cómo? 日本")), PREFIXES)
 
     assert match.expand(TEMPLATE).decode() == (
-        '{"messages": [{"role": "user", "content": "Before. ¿Cómo? 日本 After."}]}'
+        '{"messages": [{"role": "user", "content": "Before. ¿Cómo? 日本 After."}], '
+        '"cache_prompt": true}'
     )
 
 

@@ -137,10 +137,45 @@ def test_recent_first_tokens_are_grouped_in_buckets_of_the_last_minutes():
     recent = FirstTokens(window=60, bucket=15)
     for at, seconds in [(0, 9.0), (100, 0.1), (101, 0.3), (102, 0.2), (116, 0.05)]:
         recent.add(seconds, now=at)
+    recent.add(2.0, "templated", now=103)
 
     buckets = recent.buckets(now=150)
 
     assert buckets == [
-        {"at": 90, "count": 3, "p50_ms": 200.0, "p95_ms": 300.0},
-        {"at": 105, "count": 1, "p50_ms": 50.0, "p95_ms": 50.0},
+        {"at": 90, "kind": "plain", "count": 3, "p50_ms": 200.0, "p95_ms": 300.0},
+        {"at": 90, "kind": "templated", "count": 1, "p50_ms": 2000.0, "p95_ms": 2000.0},
+        {"at": 105, "kind": "plain", "count": 1, "p50_ms": 50.0, "p95_ms": 50.0},
     ]
+
+
+@pytest.mark.parametrize(
+    "events, timed",
+    [
+        # llama-server's web UI asks for progress: the first events carry none of the answer.
+        ([b'data: {"choices":[{"delta":{"role":"assistant","content":null}}]}'], False),
+        (
+            [b'data: {"choices":[{"delta":{}}],"prompt_progress":{"total":900,"processed":0}}'],
+            False,
+        ),
+        ([b'data: {"choices":[{"delta":{"content":"Hi"}}]}'], True),
+        ([b'data: {"choices":[{"delta":{"reasoning_content":"Hm"}}]}'], True),
+        ([b'data: {"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}'], True),
+        ([b'data: {"choices":[{"text":"Hi","index":0}]}'], True),  # /v1/completions
+        ([b'data: {"content":"","tokens":[]}', b'data: {"content":"a"}'], True),  # /completion
+        ([b"data: [DONE]"], False),
+    ],
+)
+@responses.activate
+def test_time_to_first_token_is_taken_at_the_first_generated_content(client, admin, events, timed):
+    responses.post(
+        f"{BACKEND}/v1/chat/completions",
+        body=b"".join(e + b"\n\n" for e in events),
+        content_type="text/event-stream",
+    )
+
+    client.post("/v1/chat/completions", data=b'{"stream": true, "messages": []}').close()
+
+    count = samples(admin).get(
+        ("bioproxy_time_to_first_token_seconds_count", (("template", ""),)), 0
+    )
+    assert count == (1 if timed else 0)

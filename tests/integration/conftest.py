@@ -15,7 +15,7 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
-def start_llama(folder, slots=2, extra_args=()):
+def start_llama(folder, slots=2, extra_args=(), ui=None):
     return LlamaServer(
         free_port(),
         slots=slots,
@@ -23,6 +23,7 @@ def start_llama(folder, slots=2, extra_args=()):
         slot_save_path=str(folder / "slots"),
         log_path=str(folder / "llama-server.log"),
         extra_args=extra_args,
+        ui=ui,
     )
 
 

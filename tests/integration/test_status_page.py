@@ -1,23 +1,32 @@
-"""The admin port's status page in headless Chromium, against bioproxy under real gunicorn.
+"""The admin port's status page, and llama-server's chat page through the proxy port, in
+headless Chromium, against bioproxy under real gunicorn.
 
-llama-server is not needed: the backend is a closed port, so the page shows it down and
-the templates never warm. Chromium and chromedriver come from Debian's packages; a missing
-one is an error here, never a skip: run scripts/setup --dev.
+The first tests need no llama-server: the backend is a closed port, so the page shows it
+down and the templates never warm. The last ones start their own. Chromium and
+chromedriver come from Debian's packages, the chat page from scripts/setup; a missing one
+is an error here, never a skip: run scripts/setup --dev.
 """
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
-from tests.servers import Bioproxy, free_port
+from bioproxy import llamacpp
+from tests.integration.conftest import start_llama
+from tests.servers import Bioproxy, free_port, wait_until
 
 try:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 except ImportError:  # reported by the browser fixture, as a failure
     webdriver = None
 
+EXAMPLES = Path(__file__).parents[2] / "examples"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 WAIT = 15  # seconds any wait in the page may take
@@ -173,3 +182,97 @@ def test_page_says_when_the_admin_port_is_unreachable(browser, tmp_path):
     # Chromium logs the failed fetches themselves; nothing else may be logged.
     problems = console_problems(browser)
     assert all(e["source"] == "network" and "net::ERR_" in e["message"] for e in problems), problems
+
+
+def warm_bioproxy(llama, folder):
+    """bioproxy with the example templates in front of llama, once both are warm."""
+    if not (folder / "templates").exists():
+        shutil.copytree(EXAMPLES / "templates", folder / "templates")
+    config = {
+        "prefixes": {"@code": "templates/code.txt", "@review": "templates/review.txt"},
+        "warmup_check_interval": 0.5,
+    }
+    server = Bioproxy(llama.url, str(folder), config, slot_save_path=llama.slot_save_path)
+    server.start().wait_ready()
+    wait_until(
+        lambda: all(t["state"] == "warm" for t in server.templates().values()),
+        what="templates warm",
+        describe=server.templates,
+    )
+    return server
+
+
+def test_page_shows_what_it_last_saw_of_a_llama_server_that_went_down(browser, tmp_path):
+    with start_llama(tmp_path / "llama") as llama:
+        first = warm_bioproxy(llama, tmp_path)
+        first.stop()
+        # A new bioproxy finds the saved caches and restores them: that is its last warmup.
+        server = warm_bioproxy(llama, tmp_path)
+        try:
+            page = open_page(browser, server)
+            for prefix in ("@code", "@review"):
+                assert "restored" in page["templates"][prefix], page["templates"][prefix]
+                assert "saved" in page["templates"][prefix]
+                assert "never" not in page["templates"][prefix]
+
+            llama.kill()
+            wait_until(
+                lambda: (
+                    snapshot(browser)["backend"] == "down"
+                    and "unknown" in snapshot(browser)["sections"]["slots"]
+                ),
+                timeout=WAIT,
+                what="the page showing llama-server down",
+            )
+            page = snapshot(browser)
+            for prefix in ("@code", "@review"):
+                assert "as last seen" in page["templates"][prefix], page["templates"][prefix]
+            assert "busy" not in page["sections"]["slots"]
+            assert "other" not in page["sections"]["slots"]
+            assert console_problems(browser) == []
+        finally:
+            server.stop()
+
+
+def test_llama_server_s_chat_page_through_bioproxy_answers_a_templated_message_warm(
+    browser, tmp_path
+):
+    ui = llamacpp.ui_path()
+    if ui is None:
+        pytest.fail("llama-server's chat page is not built: run scripts/setup --dev", pytrace=False)
+    with start_llama(tmp_path / "llama", ui=ui) as llama:
+        server = warm_bioproxy(llama, tmp_path)
+        try:
+            browser.get(server.proxy_url + "/")
+            box = WebDriverWait(browser, WAIT).until(
+                lambda d: next(
+                    (t for t in d.find_elements(By.TAG_NAME, "textarea") if t.is_displayed()), None
+                ),
+                "the chat page shows no message box",
+            )
+            box.send_keys("@code How do I reverse a list?", Keys.ENTER)
+            # Expanded and sent to the slot that holds @code (the UI asks for no length
+            # limit, so the answer may run on: judged by its start, not its end).
+            wait_until(
+                lambda: (
+                    server.metric(
+                        "bioproxy_template_requests_total", template="@code", cache="slot"
+                    )
+                    >= 1
+                ),
+                timeout=120,
+                what="the chat page's request, templated, in @code's warm slot",
+            )
+            # The UI's stream starts with progress events; the first token comes after them.
+            wait_until(
+                lambda: (
+                    server.metric("bioproxy_time_to_first_token_seconds_count", template="@code")
+                    == 1
+                ),
+                timeout=120,
+                what="the answer's first token",
+            )
+            assert server.metric("bioproxy_template_requests_total", template="@code") == 1
+            assert "How do I reverse a list?" in browser.find_element(By.TAG_NAME, "body").text
+        finally:
+            server.stop()

@@ -1,0 +1,65 @@
+"""bioproxy's gunicorn worker: gunicorn's gevent worker, with two of its edges mended.
+
+- The errors gunicorn answers itself, before a request reaches the app (a malformed
+  request line, headers too large, a bad chunk size), are OpenAI-style JSON like every
+  other error bioproxy answers, not HTML pages.
+- A quick stop (SIGINT, Ctrl+C in a terminal; SIGQUIT) exits quietly. gunicorn's gevent
+  worker runs the stop in a greenlet of its own and calls sys.exit() there, which gevent
+  reports as a greenlet that failed with SystemExit, traceback and all.
+
+Imported by gunicorn's master too (it loads the worker class): nothing here may import
+requests or the app, which must come after the worker's monkey-patching.
+"""
+
+import json
+
+import gevent
+from gunicorn import util
+from gunicorn.workers.ggevent import GeventWorker
+
+# gunicorn's statuses for the errors it answers itself, and bioproxy's codes for them.
+CODES = {
+    400: "bad_request",
+    403: "forbidden",
+    414: "uri_too_long",
+    417: "expectation_failed",
+    431: "request_header_fields_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+}
+
+
+def write_json_error(sock, status, reason, message):
+    """What gunicorn's util.write_error writes, as JSON: the response, then close."""
+    error = {
+        "message": message or reason,
+        "type": "invalid_request_error" if status < 500 else "server_error",
+        "param": None,
+        "code": CODES.get(status, "error"),
+    }
+    body = json.dumps({"error": error}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+class Worker(GeventWorker):
+    """gunicorn's gevent worker, answering its own errors in JSON and stopping quietly."""
+
+    def init_process(self):
+        # In the worker only: gunicorn writes its own error answers through this function.
+        util.write_error = write_json_error
+        super().init_process()
+
+    def handle_quit(self, sig, frame):
+        # As gunicorn's, out of the signal handler (it may block), but the exit is raised
+        # in the worker's main greenlet, as a plain sys.exit() there would be.
+        gevent.spawn(self._quit)
+
+    def _quit(self):
+        self.alive = False
+        self.cfg.worker_int(self)
+        gevent.sleep(0.1)
+        gevent.get_hub().parent.throw(SystemExit(0))
