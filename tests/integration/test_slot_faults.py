@@ -5,6 +5,7 @@ answered (warm once bioproxy has recovered).
 """
 
 import shutil
+import subprocess
 import threading
 import time
 
@@ -305,3 +306,38 @@ def generate_forever(llama, slot):
 def busy(llama, slot):
     slots = requests.get(llama.url + "/slots", timeout=10).json()
     return slots[slot]["is_processing"]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A slot folder on a 1 MiB filesystem: a save of @code (a few MB) fills it."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}", pytrace=False)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_save_that_fills_the_disk_leaves_no_partial_file(tmp_path, full_disk):
+    # Issue 16.6: llama-server writes what fits, then answers 500 "Unable to save slot".
+    work, config = workdir(tmp_path, full_disk, interval=60)
+    with (
+        llama_server(tmp_path, full_disk) as llama,
+        Bioproxy(llama.url, work, config) as bioproxy,
+    ):
+        wait_until(lambda: code(bioproxy)["state"] == "failed", what="the save to fail")
+        assert "Unable to save slot" in code(bioproxy)["last_warmup"]["error"]
+        assert list(full_disk.iterdir()) == []  # the partial file is gone: the disk has room
+        assert counts(bioproxy, "bioproxy_slot_saves_total") == {"ok": 0, "failed": 1}
+        # Still warm in its slot: the user's request is answered from it.
+        body = {"messages": [{"role": "user", "content": f"@code {QUESTION}"}], "max_tokens": 8}
+        answer = requests.post(bioproxy.proxy_url + "/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 200

@@ -61,6 +61,10 @@ def test_a_user_request_during_a_long_warmup_is_served_at_once(tmp_path):
         wait_until(lambda: state(proxy) == "warm", timeout=120, what="the template to be warm")
         assert proxy.metric("bioproxy_warmups_total", outcome="ok") == 1
         assert proxy.metric("bioproxy_warmups_total", outcome="failed") == 0
+        # Giving way is a normal event: logged, but not as a fault.
+        log = proxy.log()
+        assert "gave way to a user request" in log
+        assert [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line] == []
 
 
 def test_no_warmup_starts_while_a_user_request_is_in_flight(tmp_path):
