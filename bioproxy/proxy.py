@@ -191,7 +191,10 @@ def forward(path):
         )
     parsed = injection.read(body)
     match = injection.find(path, parsed, state.warmer.entries)
+    # Refused here, if at all: before the request counts as a user or takes a slot.
     expansion = templated.expand(state, match) if match else None
+    if match is None:
+        templated.check_pinnable(body, parsed)
     # A user from here on: warmups give way until its answer has been sent.
     g.user = True
     state.warmer.user_started()

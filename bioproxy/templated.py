@@ -196,6 +196,17 @@ def _ticket(slots, body, match):
     return Ticket(USER, template, wanted if wanted >= 0 else None)
 
 
+def check_pinnable(raw, body):
+    """BadRequest now, before the request takes a slot, if pinning it would fail later.
+
+    A body is pinned by writing "id_slot" in front of its bytes; one that already names
+    id_slot, or does not start with "{", is rebuilt instead, which fails for a lone
+    surrogate escape.
+    """
+    if "id_slot" in body or not raw.lstrip().startswith(b"{"):
+        injection.dump(body)
+
+
 def _pin(raw, body, slot):
     """The client's body pinned to a slot, its bytes otherwise untouched when it can be."""
     if body.get("id_slot", -1) == slot:

@@ -1,6 +1,7 @@
 """Prompt templates: text files with <{message}> placeholders and <{file}> includes."""
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -58,8 +59,15 @@ def resolve(path: str, base_dir: str, root: str) -> str:
 def load(prefix: str, path: str, base_dir: str, root: str, max_bytes: int) -> Template:
     """Read, check and expand one template; raises TemplateError."""
     try:
+        return _load(prefix, path, base_dir, root, max_bytes)
+    except OSError as e:  # anything the checks below did not name: still this template's
+        raise TemplateError(f"template {path} cannot be read: {e}") from None
+
+
+def _load(prefix, path, base_dir, root, max_bytes):
+    try:
         real = resolve(path, base_dir, root)
-        texts = {real: _read(path, real, max_bytes)}
+        texts = {real: _read(path, real, max_bytes, root)}
     except TemplateError as e:
         raise TemplateError(f"template {e}") from None
     pieces, current, size = [], [], 0
@@ -105,20 +113,50 @@ def _include(name, path, base_dir, root, max_bytes, texts):
     try:
         real = resolve(name, base_dir, root)
         if real not in texts:
-            texts[real] = _read(name, real, max_bytes)
+            texts[real] = _read(name, real, max_bytes, root)
     except TemplateError as e:
         raise TemplateError(f"template {path}: include {e}") from None
     return texts[real]
 
 
-def _read(name, real, max_bytes):
-    """A file's text, checked; errors start with name, the path as written."""
+def _read(name, real, max_bytes, root):
+    """A file's text, checked; errors start with name, the path as written.
+
+    The file is opened first and checked after, through the open descriptor: a path
+    checked and then opened by name could be swapped for a symlink in between, and the
+    file opened be another than the one checked.
+    """
     try:
-        info = os.stat(real)
+        # O_NOFOLLOW: the last component may not be a link now (resolve() followed the
+        # ones it found); O_NONBLOCK: opening a FIFO does not wait for a writer.
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise TemplateError(f"{name} does not exist") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise TemplateError(f"{name} was replaced by a symlink while being read") from None
+        if e.errno == errno.EISDIR:
+            raise TemplateError(f"{name} is a directory") from None
         raise TemplateError(f"{name} cannot be read: {e}") from None
+    try:
+        _check_opened(name, fd, real, root, max_bytes)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since the check
+    except OSError as e:
+        raise TemplateError(f"{name} cannot be read: {e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise TemplateError(f"{name} is larger than {max_bytes} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TemplateError(f"{name} is not valid UTF-8 text") from None
+
+
+def _check_opened(name, fd, real, root, max_bytes):
+    """The open file is a regular file, small enough, and the one inside root."""
+    info = os.fstat(fd)
     if stat.S_ISDIR(info.st_mode):
         raise TemplateError(f"{name} is a directory")
     # A FIFO or device could block the read or never end.
@@ -126,14 +164,14 @@ def _read(name, real, max_bytes):
         raise TemplateError(f"{name} is not a regular file")
     if info.st_size > max_bytes:
         raise TemplateError(f"{name} is larger than {max_bytes} bytes")
+    # Where the descriptor really points, whatever happened to the path's folders.
     try:
-        with open(real, "rb") as f:
-            data = f.read(max_bytes + 1)  # the file may have grown since the stat
-    except OSError as e:
-        raise TemplateError(f"{name} cannot be read: {e}") from None
-    if len(data) > max_bytes:
-        raise TemplateError(f"{name} is larger than {max_bytes} bytes")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise TemplateError(f"{name} is not valid UTF-8 text") from None
+        opened = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc: the file must still be the one at the checked path
+        here = os.stat(real)
+        if (here.st_dev, here.st_ino) != (info.st_dev, info.st_ino):
+            raise TemplateError(f"{name} was replaced while being read") from None
+        return
+    real_root = os.path.realpath(root)
+    if opened != real or os.path.commonpath([opened, real_root]) != real_root:
+        raise TemplateError(f"{name} was replaced while being read (it led to {opened})")

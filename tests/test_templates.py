@@ -1,10 +1,13 @@
 """Templates: expansion, rendering, the template root, refused files and prefixes."""
 
+import contextlib
 import os
 import re
+import threading
 
 import pytest
 
+from bioproxy import templates
 from bioproxy.templates import (
     MESSAGE,
     TemplateError,
@@ -231,18 +234,18 @@ def opened(monkeypatch):
     import bioproxy.templates as module
 
     paths = []
-    real_open, real_stat = open, os.stat
+    real_open, real_os_open, real_stat = open, os.open, os.stat
 
-    def spy_open(path, *args, **kwargs):
-        paths.append(str(path))
-        return real_open(path, *args, **kwargs)
+    def spy(real):
+        def spying(path, *args, **kwargs):
+            paths.append(str(path))
+            return real(path, *args, **kwargs)
 
-    def spy_stat(path, *args, **kwargs):
-        paths.append(str(path))
-        return real_stat(path, *args, **kwargs)
+        return spying
 
-    monkeypatch.setattr(module, "open", spy_open, raising=False)
-    monkeypatch.setattr(os, "stat", spy_stat)
+    monkeypatch.setattr(module, "open", spy(real_open), raising=False)
+    monkeypatch.setattr(os, "open", spy(real_os_open))
+    monkeypatch.setattr(os, "stat", spy(real_stat))
     return paths
 
 
@@ -259,8 +262,9 @@ def test_the_process_environment_is_never_read_as_a_template_or_include(root, op
     (root / "t.txt").write_text(f"Env: <{{{path}}}>\n<{{message}}>")
     with refused(f"template t.txt: include {path} {outside}"):
         load_from(root)
-    # The template itself was stat'ed and read, never the file it names.
-    assert opened == [str(root / "t.txt")] * 2
+    # The template itself was opened (and checked through its descriptor), never the
+    # file it names.
+    assert opened == [str(root / "t.txt")]
 
 
 def test_a_symlinked_root_is_compared_by_its_real_path(tmp_path, root):
@@ -421,3 +425,60 @@ def test_strip_prefix_removes_the_prefix_and_one_space(text, expected):
 def test_strip_prefix_refuses_text_without_that_prefix():
     with pytest.raises(ValueError, match=r"^'@codex hi' does not start with the prefix '@code'$"):
         strip_prefix("@codex hi", "@code")
+
+
+# Issue 16.8: the path was resolved and checked, then opened by name. Swapped in between,
+# it read a file outside the root (5 times in 50,000 loads).
+
+
+@pytest.mark.parametrize("swapped", ["file", "folder"])
+def test_a_path_swapped_for_a_symlink_after_its_check_is_refused(tmp_path, monkeypatch, swapped):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    write(root / "sub" / "t.txt", "Mine: <{message}>")
+    write(outside / "t.txt", "SECRET <{message}>")
+    real_resolve = templates.resolve
+
+    def resolve_then_swap(path, base_dir, root_dir):
+        real = real_resolve(path, base_dir, root_dir)
+        if swapped == "file":
+            os.remove(real)
+            os.symlink(outside / "t.txt", real)
+        else:
+            os.rename(root / "sub", root / "old")
+            os.symlink(outside, root / "sub")
+        return real
+
+    monkeypatch.setattr(templates, "resolve", resolve_then_swap)
+    with pytest.raises(templates.TemplateError, match="replaced"):
+        load("@t", "sub/t.txt", str(root), str(root), MAX)
+
+
+def test_no_load_reads_outside_the_root_while_a_file_is_swapped_for_a_symlink(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    secret = tmp_path / "secret.txt"
+    write(secret, "SECRET")
+    target = root / "t.txt"
+    write(target, "Mine.")
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            os.symlink(secret, root / "link.tmp")
+            os.replace(root / "link.tmp", target)  # a symlink out of the root
+            write(root / "plain.tmp", "Mine.")
+            os.replace(root / "plain.tmp", target)  # a plain file again
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    heads = set()
+    try:
+        for _ in range(5000):
+            with contextlib.suppress(TemplateError):  # refused: fine
+                heads.add(load("@t", "t.txt", str(root), str(root), MAX).head)
+    finally:
+        stop.set()
+        swapper.join()
+    assert heads <= {"Mine."}, heads

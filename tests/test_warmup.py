@@ -219,6 +219,25 @@ def test_admin_can_ask_for_a_warmup(app, llama, admin):
     assert admin.post("/templates/@nope/warmup").status_code == 404
 
 
+def test_the_watcher_never_waits_for_a_warmup_that_waits_for_the_watcher(app, llama):
+    # Issue 16.3: after a reload, every slot busy with the old worker's streams and two
+    # templates due: the pass blocked starting the second warmup, while the first waited
+    # for a slot that only the next pass could free. Invariant: a pass waits for nothing
+    # but llama-server's answers; whatever a warmup waits for, a later pass can provide.
+    llama.busy = {0, 1}
+    for _ in range(3):
+        gevent.with_timeout(5, warmer(app).check, wait=False)
+        gevent.sleep(0.01)
+    assert warmer(app).scheduler.foreign == {0, 1}
+    assert {e.state for e in warmer(app).entries.values()} == {"stale"}  # due, none warm
+
+    llama.busy = set()  # the old worker's streams ended
+    for _ in range(10):
+        gevent.with_timeout(5, warmer(app).check, wait=False)
+        gevent.sleep(0.05)
+    assert {e.state for e in warmer(app).entries.values()} == {"warm"}
+
+
 def test_only_requests_that_need_a_slot_hold_warmups_off(app, llama, client):
     # Issue 16.9: any POST did; one every 2 s (a 404 path) kept every warmup cancelled.
     calls = []
