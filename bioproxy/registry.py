@@ -8,6 +8,8 @@ import re
 import tempfile
 import time
 
+import gevent
+
 log = logging.getLogger(__name__)
 
 
@@ -29,6 +31,12 @@ def filename(prefix, digest, model):
     return f"bioproxy-{name}-{own}-{digest[:16]}-{model[:12]}.bin"
 
 
+def off_loop(function, *args):
+    """function(*args) in a thread of gevent's pool: hashing a slot file (up to 100 MB and
+    more) takes a tenth of a second or more, which would stall every request meanwhile."""
+    return gevent.get_hub().threadpool.apply(function, args)
+
+
 class Registry:
     """The slot files saved for each template, recorded in <state_dir>/saved.json.
 
@@ -40,6 +48,7 @@ class Registry:
         self.path = os.path.join(state_dir, "saved.json")
         self.slot_save_path = slot_save_path
         self.entries = self._read()
+        self.intact = {}  # path -> (size, mtime, inode) when its content was last verified
 
     def find(self, prefix, digest, model):
         """The saved entry for this version of a template on this model, or None."""
@@ -57,6 +66,8 @@ class Registry:
             "tokens": tokens,
             "saved_at": time.time(),
         }
+        # What was written, to prove later that a restore loads that and nothing else.
+        entry.update(off_loop(self._fingerprint, entry["file"]) or {})
         old = self.entries.get(prefix)
         self.entries[prefix] = entry
         self._write()
@@ -75,6 +86,50 @@ class Registry:
         del self.entries[prefix]
         self._write()
         self.delete_file(old["file"])
+
+    def check(self, entry):
+        """None if the saved file is still what was saved (or cannot be read here), else why.
+
+        Its size and SHA-256 were recorded at the save; the hash is computed again only
+        when the file's size, time or inode changed since it was last found intact, so a
+        restore for a user request usually costs one stat().
+        """
+        if "sha256" not in entry or not self.slot_save_path:
+            return None  # saved by a llama-server elsewhere, or before hashes were kept
+        path = os.path.join(self.slot_save_path, entry["file"])
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            return "the file is gone"
+        except OSError:
+            return None  # not readable by bioproxy: llama-server will say
+        if info.st_size != entry.get("size"):
+            return f"the file has {info.st_size} bytes, {entry.get('size')} were saved"
+        stamp = (info.st_size, info.st_mtime_ns, info.st_ino)
+        if self.intact.get(path) == stamp:
+            return None
+        found = off_loop(self._fingerprint, entry["file"])
+        if found is None:
+            return None
+        if found["sha256"] != entry["sha256"]:
+            return "the file's content is not what was saved (its SHA-256 differs)"
+        self.intact[path] = stamp
+        return None
+
+    def _fingerprint(self, name):
+        """{"size", "sha256"} of a slot file bioproxy can read, else None."""
+        if not self.slot_save_path:
+            return None
+        digest = hashlib.sha256()
+        try:
+            with open(os.path.join(self.slot_save_path, name), "rb") as f:
+                size = 0
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except OSError:
+            return None
+        return {"size": size, "sha256": digest.hexdigest()}
 
     def delete_file(self, name):
         """Delete a slot file of bioproxy's, if it exists and the slot folder is known."""

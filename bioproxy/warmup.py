@@ -491,6 +491,13 @@ class Warmer:
         saved = self.registry.find(entry.prefix, template.digest, self.slots.model)
         if saved is None:
             return False
+        spoiled = self.registry.check(saved)
+        if spoiled:
+            # llama-server restores a file with corrupted KV data without a word, and its
+            # answers are then garbage: never restore what is not what bioproxy saved.
+            self.restore_failed(entry, slot, f"{saved['file']}: {spoiled}")
+            self.discard(entry, saved)
+            return False
         try:
             tokens = self.slots.restore(slot, saved["file"])
         except BackendError as e:

@@ -4,6 +4,7 @@ Each case: what /templates, /status and /metrics say, and that a templated reque
 answered (warm once bioproxy has recovered).
 """
 
+import os
 import shutil
 import subprocess
 import threading
@@ -341,3 +342,32 @@ def test_a_save_that_fills_the_disk_leaves_no_partial_file(tmp_path, full_disk):
         body = {"messages": [{"role": "user", "content": f"@code {QUESTION}"}], "max_tokens": 8}
         answer = requests.post(bioproxy.proxy_url + "/v1/chat/completions", json=body, timeout=60)
         assert answer.status_code == 200
+
+
+def test_a_saved_cache_with_corrupted_kv_data_is_never_restored(tmp_path):
+    # Issue 16.4: 8 KB of random bytes in the middle of a slot file: llama-server restored
+    # it without a word, and the answer was '......' with X-Bioproxy-Cache: slot.
+    slot_folder = tmp_path / "slots"
+    work, config = workdir(tmp_path, slot_folder, interval=0.5)
+    with llama_server(tmp_path, slot_folder) as llama:
+        with Bioproxy(llama.url, work, config) as bp:
+            wait_until(lambda: code(bp)["state"] == "warm", what="@code warm")
+            good = ask(bp).json()["choices"][0]["message"]["content"]
+            saved = slot_folder / code(bp)["saved_file"]
+        size = saved.stat().st_size
+        with open(saved, "r+b") as f:
+            # Inside the V data of a layer, away from the per-layer headers (llama-server
+            # refuses a file whose headers are spoiled, but not one whose data is).
+            f.seek(size * 5 // 8)
+            f.write(os.urandom(1024))
+        llama.stop()
+        llama.start().wait_ready()  # empty slots: the next bioproxy restores from the file
+        with Bioproxy(llama.url, work, config) as bp:
+            wait_until(lambda: code(bp)["state"] == "warm", what="@code warm again")
+            assert bp.metric("bioproxy_warmups_total", template="@code", outcome="ok") == 1
+            assert "content is not what was saved" in bp.log()
+            answer = ask(bp)
+            assert_warm(answer)
+            assert answer.json()["choices"][0]["message"]["content"] == good
+        # The spoiled file was replaced by a good one.
+        assert saved.stat().st_size == size
