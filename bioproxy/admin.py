@@ -17,6 +17,22 @@ bp.before_request(do_not_track)
 
 
 @bp.before_request
+def refuse_other_names():
+    """Only localhost, IP addresses and the names in admin_hosts reach the admin port.
+
+    A web page can point a name of its own at 127.0.0.1 (DNS rebinding) and then read
+    this port as its own origin: what it sends then is that name, in Host.
+    """
+    host = urlsplit("//" + request.host).hostname or ""
+    allowed = current_app.extensions["bioproxy"].settings.admin_hosts
+    names = {name.strip().lower() for name in allowed.split(",") if name.strip()}
+    if not _is_address_or_localhost(host) and host.lower() not in names:
+        raise CrossSiteRequest(
+            f"the admin port answers to localhost, IP addresses and admin_hosts, not {host!r}"
+        )
+
+
+@bp.before_request
 def refuse_posts_from_web_pages():
     """Actions come from tools, or from the status page itself; not from any web page.
 

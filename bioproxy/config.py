@@ -57,6 +57,9 @@ class Settings:
     api_key: str = ""  # clients of the proxy port must send "Authorization: Bearer <key>"
     backend_api_key: str = ""  # sent to llama-server (its --api-key) with every request
     trust_forwarded_for: bool = False  # keep a client's X-Forwarded-For (behind nginx)
+    # Names the admin port answers to besides localhost and IP addresses, comma-separated
+    # (a name a Prometheus server scrapes it by, say): any other Host is a web page's.
+    admin_hosts: str = ""
 
     @property
     def proxy_bind(self):

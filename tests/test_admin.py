@@ -140,3 +140,24 @@ def test_tools_and_the_status_page_can_post_actions(make_app):
     assert admin.post("/templates/@code/warmup").status_code == 202  # curl: no Origin
     own = admin.post("/templates/@code/warmup", headers={"Origin": ADMIN_BASE})
     assert own.status_code == 202
+
+
+@pytest.mark.parametrize("path", ["/status", "/templates", "/metrics", "/health", "/"])
+def test_a_page_under_another_name_cannot_read_the_admin_port(make_app, path):
+    # Issue 16.9: a page that points its own name at 127.0.0.1 (DNS rebinding) read it.
+    admin = make_app().test_client(base_url=ADMIN_BASE)
+
+    answer = admin.get(path, headers={"Host": "evil.example:8089"})
+
+    assert answer.status_code == 403
+    assert answer.get_json()["error"]["code"] == "cross_site_request"
+    for host in ("localhost:8089", "127.0.0.1:8089", "[::1]:8089"):
+        assert admin.get(path, headers={"Host": host}).status_code in (200, 503)
+
+
+def test_names_in_admin_hosts_reach_the_admin_port(make_app):
+    admin = make_app(admin_hosts="metrics.lan, Box").test_client(base_url=ADMIN_BASE)
+
+    assert admin.get("/metrics", headers={"Host": "metrics.lan:8089"}).status_code == 200
+    assert admin.get("/metrics", headers={"Host": "box"}).status_code == 200
+    assert admin.get("/metrics", headers={"Host": "other.lan"}).status_code == 403
