@@ -47,7 +47,7 @@ SLOT_ACTION_LABEL = "/slots/{id}"
 # llama-server's one route with a parameter, "/slots/:id_slot": cpp-httplib matches any
 # segment there (empty too) and accepts one trailing "/". Matched at the end of the path,
 # so that a llama-server started with --api-prefix is covered as well.
-SLOT_ACTION = re.compile(r"(?:.*)/slots/[^/]*/?", re.DOTALL)
+SLOT_ACTION = re.compile(r".*/slots/[^/]*/?", re.DOTALL)
 ESCAPE = re.compile(r"%u([0-9A-Fa-f]{4})|%([0-9A-Fa-f]{2})")
 
 

@@ -128,6 +128,7 @@ class LlamaServer:
         self.binary = binary
         self.ui = ui  # a folder with llama-server's chat page, served at /
         self.process = None
+        self.args = None  # the command line of the last start()
         # Where this run's output starts in the log, which may hold earlier runs too.
         self.log_offset = 0
 
@@ -165,7 +166,7 @@ class LlamaServer:
         """Start the process; call wait_ready() before sending requests."""
         if self.slot_save_path:
             os.makedirs(self.slot_save_path, exist_ok=True)
-        command = self.command()
+        self.args = command = self.command()
         with open(self.log_path, "ab") as output:
             self.log_offset = output.tell()
             # Its own session, so a Ctrl+C meant for the caller does not reach it first.
@@ -202,9 +203,8 @@ class LlamaServer:
     def report(self, what, returncode=None):
         """One line saying what happened and what to try, then this run's last log lines."""
         tail = self.log_tail()
-        command = self.command()
-        hint = hint_for(returncode, tail) or f"run it by hand to see more: {shlex.join(command)}"
-        first = f"llama-server {what} ({command[0]} on port {self.port}): {hint}"
+        hint = hint_for(returncode, tail) or f"run it by hand to see more: {shlex.join(self.args)}"
+        first = f"llama-server {what} ({self.args[0]} on port {self.port}): {hint}"
         if not tail:
             return first
         lines = "".join(f"  | {line}\n" for line in tail.splitlines())

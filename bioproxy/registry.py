@@ -37,6 +37,11 @@ def off_loop(function, *args):
     return gevent.get_hub().threadpool.apply(function, args)
 
 
+def _stamp(info):
+    """What changes when a file is written or replaced: its size, time and inode."""
+    return (info.st_size, info.st_mtime_ns, info.st_ino)
+
+
 class Registry:
     """The slot files saved for each template, recorded in <state_dir>/saved.json.
 
@@ -67,7 +72,10 @@ class Registry:
             "saved_at": time.time(),
         }
         # What was written, to prove later that a restore loads that and nothing else.
-        entry.update(off_loop(self._fingerprint, entry["file"]) or {})
+        found = off_loop(self._fingerprint, entry["file"])
+        if found is not None:
+            entry["size"], entry["sha256"] = found["size"], found["sha256"]
+            self.intact[found["path"]] = found["stamp"]  # no need to hash it again
         old = self.entries.get(prefix)
         self.entries[prefix] = entry
         self._write()
@@ -105,31 +113,32 @@ class Registry:
             return None  # not readable by bioproxy: llama-server will say
         if info.st_size != entry.get("size"):
             return f"the file has {info.st_size} bytes, {entry.get('size')} were saved"
-        stamp = (info.st_size, info.st_mtime_ns, info.st_ino)
-        if self.intact.get(path) == stamp:
+        if self.intact.get(path) == _stamp(info):
             return None
         found = off_loop(self._fingerprint, entry["file"])
         if found is None:
             return None
         if found["sha256"] != entry["sha256"]:
             return "the file's content is not what was saved (its SHA-256 differs)"
-        self.intact[path] = stamp
+        self.intact[path] = found["stamp"]
         return None
 
     def _fingerprint(self, name):
-        """{"size", "sha256"} of a slot file bioproxy can read, else None."""
+        """{"path", "size", "sha256", "stamp"} of a slot file bioproxy can read, else None."""
         if not self.slot_save_path:
             return None
+        path = os.path.join(self.slot_save_path, name)
         digest = hashlib.sha256()
         try:
-            with open(os.path.join(self.slot_save_path, name), "rb") as f:
+            with open(path, "rb") as f:
+                stamp = _stamp(os.fstat(f.fileno()))
                 size = 0
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
                     size += len(chunk)
         except OSError:
             return None
-        return {"size": size, "sha256": digest.hexdigest()}
+        return {"path": path, "size": size, "sha256": digest.hexdigest(), "stamp": stamp}
 
     def delete_file(self, name):
         """Delete a slot file of bioproxy's, if it exists and the slot folder is known."""

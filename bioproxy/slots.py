@@ -33,7 +33,7 @@ class Slots:
         try:
             props = self.upstream.call("GET", "/props", timeout=self.timeout)
             slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
-        except Exception:
+        except BackendError:
             self.reachable = False
             raise
         self.reachable, self.seen_at = True, time.time()

@@ -199,20 +199,23 @@ def _ticket(slots, body, match):
 def check_pinnable(raw, body):
     """BadRequest now, before the request takes a slot, if pinning it would fail later.
 
-    A body is pinned by writing "id_slot" in front of its bytes; one that already names
-    id_slot, or does not start with "{", is rebuilt instead, which fails for a lone
-    surrogate escape.
+    A body that _pin must rebuild fails to be rebuilt when it holds a lone surrogate escape.
     """
-    if "id_slot" in body or not raw.lstrip().startswith(b"{"):
+    if _rebuilt_to_pin(raw, body):
         injection.dump(body)
+
+
+def _rebuilt_to_pin(raw, body):
+    """Whether pinning rebuilds the body: it names id_slot itself, or does not start with
+    "{" (a BOM, UTF-16). Otherwise "id_slot" is written in front of its bytes."""
+    return "id_slot" in body or not raw.lstrip().startswith(b"{")
 
 
 def _pin(raw, body, slot):
     """The client's body pinned to a slot, its bytes otherwise untouched when it can be."""
     if body.get("id_slot", -1) == slot:
         return raw
-    text = raw.lstrip()
-    if "id_slot" in body or not text.startswith(b"{"):  # (or in UTF-16, or with a BOM)
+    if _rebuilt_to_pin(raw, body):
         return injection.dump({**body, "id_slot": slot})
-    rest = text[1:]  # after the object's "{"
+    rest = raw.lstrip()[1:]  # after the object's "{"
     return b'{"id_slot":%d%s' % (slot, b"" if rest.lstrip().startswith(b"}") else b",") + rest

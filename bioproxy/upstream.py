@@ -189,8 +189,8 @@ def iter_body(response):
                 data = response.raw.read1(READ_SIZE, decode_content=False)
             # A body short of its Content-Length or last chunk, a reset, or a stall
             # longer than the read timeout.
-            # Not logged here: a warmup that gives way to a user ends this way on purpose.
             except (urllib3.exceptions.HTTPError, OSError) as e:
+                # Not logged here: a warmup that gives way to a user ends this way on purpose.
                 raise UpstreamCut(f"llama.cpp response cut off: {e}") from e
             if not data:
                 break
