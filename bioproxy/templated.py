@@ -15,6 +15,9 @@ from .scheduler import GRANTED, USER, Ticket
 log = logging.getLogger(__name__)
 
 TAIL_BYTES = 16 * 1024
+# A request found its template warm when llama-server reused the template's tokens but
+# these few: where the template's text meets the user's, the tokens may be cut otherwise.
+MISS_SLACK = 16
 
 
 class Progress:
@@ -150,6 +153,8 @@ def _templated(state, expansion, body, send, ticket):
             if all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
                 metrics.tokens_reused.labels(entry.prefix).inc(reused)
                 metrics.tokens_evaluated.labels(entry.prefix).inc(evaluated)
+                if cache == "restored" and not _reused(reused, entry.tokens):
+                    warmer.restore_did_not_hold(entry, template, reused)
         finally:
             if ticket is not None:
                 ok = tail.complete and response.status_code == 200
@@ -157,6 +162,11 @@ def _templated(state, expansion, body, send, ticket):
 
     response.call_on_close(done)
     return response
+
+
+def _reused(reused, tokens):
+    """Whether an answer that reused this many tokens found a template of tokens warm."""
+    return not tokens or reused >= tokens - min(MISS_SLACK, tokens // 2)
 
 
 def release(warmer, ticket, digest=None, drain=False):

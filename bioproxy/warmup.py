@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 SENTINEL = "\u2063bioproxy-message\u2063"
 RECENT_WARMUPS = 20  # evaluations /status lists
 MAX_PAUSE = 600  # seconds: the longest pause before a failed template is tried again
+# A restore proven: of the head completed again in its slot, llama-server evaluated at most
+# this many tokens (it always evaluates the last one again).
+RESTORE_SLACK = 4
 # Seconds between looks at llama-server's slots while some are busy for nobody. Not less
 # than a second and a bit: llama-server notices a closed connection only after a whole
 # second in which no request of any client got a result, and each GET /slots is one.
@@ -304,12 +307,51 @@ class Warmer:
         again after a pause: an evaluation in the same slot would block just the same.
         """
         try:
-            return "restored" if self.load_saved(entry, template, slot) else "evaluate"
+            if not self.load_saved(entry, template, slot):
+                return "evaluate"
+            return self.prove(entry, template, slot)
         except BackendError as e:
             if e.status == 501:
                 return "evaluate"  # this llama-server cannot restore (no --slot-save-path)
             self.retry_later(entry, e)
             return "failed"
+
+    def prove(self, entry, template, slot):
+        """Complete the head once in the slot just restored: "restored" if that reused it.
+
+        A restore is not a task: a slot only restored shows in GET /slots just as a new
+        server's empty slot does, so a restart would go unnoticed and the next request be
+        sent to an empty slot as warm. The completion leaves a task id there, which a
+        restart takes away, and its timings show whether the restore held (the head
+        reused, its last token evaluated again). "evaluate" when it did not: the file is
+        forgotten, and the head, now evaluated in the slot, saved again.
+        """
+        body = {
+            "prompt": self.rendered_head(template),
+            "n_predict": 0,
+            "id_slot": slot,
+            "cache_prompt": True,
+        }
+        try:
+            answer = self.upstream.call("POST", "/completion", body, self.warmup_timeout)
+        except BackendError:
+            self.slots.forget(slot)  # what it holds is not known
+            raise
+        self.slots.mark(slot, entry.prefix, template.digest, ran=True)
+        evaluated = (answer.get("timings") or {}).get("prompt_n")
+        if isinstance(evaluated, int) and evaluated <= RESTORE_SLACK:
+            return "restored"
+        log.warning(
+            "template %s was restored into slot %d, yet llama-server evaluated %s of its "
+            "tokens again: saving it again",
+            entry.prefix,
+            slot,
+            evaluated,
+        )
+        saved = self.registry.find(entry.prefix, template.digest, self.slots.model)
+        if saved is not None:
+            self.registry.forget(entry.prefix, saved["file"])
+        return "evaluate"
 
     def retry_later(self, entry, error):
         """The template is not warm: try again after a pause that doubles with each failure."""
@@ -481,6 +523,19 @@ class Warmer:
             return "restored" if self.load_saved(entry, template, slot) else "cold"
         except BackendError:
             return "cold"
+
+    def restore_did_not_hold(self, entry, template, reused):
+        """A user's answer after a restore reused less than the template: the file is bad."""
+        log.warning(
+            "template %s was restored for a request, yet llama-server reused only %d of its "
+            "%d tokens: its saved file is not used again",
+            entry.prefix,
+            reused,
+            entry.tokens,
+        )
+        saved = self.registry.find(entry.prefix, template.digest, self.slots.model)
+        if saved is not None:
+            self.discard(entry, saved)
 
     def load_saved(self, entry, template, slot):
         """Restore the template's saved cache into the slot: whether there was one to use.

@@ -22,7 +22,9 @@ class FakeLlama:
         self.next_task = 0
         self.status = {"save": 200, "restore": 200}
         self.error = {}  # action -> exception to raise instead of answering
-        self.evaluated = []  # (slot, prompt) of each /completion
+        self.evaluated = []  # (slot, prompt) of each /completion but restore checks
+        self.checks = []  # (slot, prompt) of each completion of what a restore just loaded
+        self.restored = set()  # slots whose last action was a restore
         self.actions = []  # (action, slot, filename)
         self.chats = []  # request bodies of chat completions
         self.busy = set()  # slots that GET /slots shows as processing
@@ -42,6 +44,7 @@ class FakeLlama:
     def restart(self, model=None):
         """A new server: empty slots, task ids from zero; the slot folder stays."""
         self.model = model or self.model
+        self.restored.clear()
         self.tasks = dict.fromkeys(self.tasks, -1)
         self.contents = dict.fromkeys(self.contents, "")
         self.next_task = 0
@@ -51,6 +54,7 @@ class FakeLlama:
         self._task(slot, text)
 
     def _task(self, slot, text):
+        self.restored.discard(slot)
         self.tasks[slot] = self.next_task
         self.next_task += 1
         self.contents[slot] = text
@@ -82,14 +86,18 @@ class FakeLlama:
         slot = body["id_slot"]
         if self.on_completion is not None:
             self.on_completion(body)
-        self.evaluated.append((slot, body["prompt"]))
-        self._task(slot, body["prompt"])
-        n = len(body["prompt"].split())
+        prompt, held = body["prompt"], self.contents[slot]
+        n = len(prompt.split())
+        # Reused: what the slot holds, if the prompt starts with it; never the last token.
+        cached = min(len(held.split()), n - 1) if held and prompt.startswith(held) else 0
+        checked = slot in self.restored and cached == n - 1
+        (self.checks if checked else self.evaluated).append((slot, prompt))
+        self._task(slot, prompt)
         answer = {
             "content": "",
             "stop": True,
             "tokens_evaluated": n,
-            "timings": {"cache_n": 0, "prompt_n": n},
+            "timings": {"cache_n": cached, "prompt_n": n - cached},
         }
         if body.get("stream"):
             events = f"data: {json.dumps({'content': ''})}\n\ndata: {json.dumps(answer)}\n\n"
@@ -115,6 +123,7 @@ class FakeLlama:
             self.contents[slot] = ""
             return self._json(400, {"error": {"message": "Unable to restore slot"}})
         self.contents[slot] = self.files[name]
+        self.restored.add(slot)
         return self._json(200, {"id_slot": slot, "n_restored": len(self.files[name].split())})
 
     def chat(self, request):

@@ -207,6 +207,94 @@ def test_a_restarted_bioproxy_restores_instead_of_warming(app, make_app, llama, 
     assert [a for a, _, _ in llama.actions].count("restore") == 2
 
 
+def restored_only(app, make_app, llama, folder):
+    """A bioproxy that has only restored its templates, into a llama-server new to them."""
+    warmer(app).check()
+    llama.restart()
+    again = make_app(
+        prefixes={"@code": "code.txt", "@review": "review.txt"},
+        slot_save_path=str(folder / "slots"),
+    )
+    warmer(again).check()
+    return again
+
+
+def test_each_restore_of_the_warmer_is_proven_by_one_completion_of_the_head(
+    app, make_app, llama, folder
+):
+    again = restored_only(app, make_app, llama, folder)
+
+    # The head completed once where it was restored, reusing it: not evaluated again.
+    heads = sorted(prompt for _, prompt in llama.evaluated)
+    assert sorted(prompt for _, prompt in llama.checks) == heads
+    restores = {slot for action, slot, _ in llama.actions if action == "restore"}
+    assert {slot for slot, _ in llama.checks} == restores
+    # The slots now show a task of bioproxy's own.
+    assert all(llama.tasks[slot] >= 0 for slot in restores)
+    assert {e.state for e in warmer(again).entries.values()} == {"warm"}
+
+
+def test_a_restart_after_bioproxy_only_restored_into_the_slots_is_noticed(
+    app, make_app, llama, folder, caplog
+):
+    # Issue 16.5: a slot only restored looked exactly like a new server's, so the first
+    # request per template after a restart was sent to an empty slot as warm.
+    again = restored_only(app, make_app, llama, folder)
+    llama.restart()
+
+    answer = ask(again.test_client(), "@code Why?")
+
+    assert answer.headers["X-Bioproxy-Cache"] == "restored"
+    assert answer.get_json()["timings"]["cache_n"] > 0
+    warmer(again).check()
+    assert "llama-server restarted" in caplog.text
+    assert all(llama.contents[slot] for slot in llama.contents)  # both restored again
+
+
+def test_a_restore_that_did_not_hold_is_evaluated_and_saved_again(
+    app, make_app, llama, folder, caplog
+):
+    warmer(app).check()
+    llama.restart()
+
+    def lose_the_restore(action, slot, name):
+        if action == "restore":
+            # As many tokens as were saved, but not the template's.
+            llama.files[name] = " ".join("x" * len(llama.files[name].split()))
+
+    llama.on_action = lose_the_restore
+    again = make_app(prefixes={"@code": "code.txt"}, slot_save_path=str(folder / "slots"))
+    warmer(again).check()
+
+    assert "yet llama-server evaluated" in caplog.text
+    assert [a for a, _, _ in llama.actions][-2:] == ["restore", "save"]
+    assert llama.checks == []
+    entry = warmer(again).entries["@code"]
+    assert entry.state == "warm" and entry.last_warmup["outcome"] == "ok"
+
+
+def test_a_user_s_restore_that_the_answer_shows_did_not_hold_is_not_used_again(
+    app, llama, client, caplog
+):
+    warmer(app).check()
+    slot = llama.evaluated[0][0]
+    llama.run_other_task(slot)
+    name = warmer(app).registry.entries["@code"]["file"]
+    # As many tokens as were saved, but not the template's: restored without a word.
+    llama.files[name] = " ".join("x" * len(llama.files[name].split()))
+
+    answer = ask(client, "@code Why?")
+
+    assert answer.headers["X-Bioproxy-Cache"] == "restored"
+    assert answer.get_json()["timings"]["cache_n"] == 0
+    assert "reused only 0 of its" in caplog.text
+    assert "@code" not in warmer(app).registry.entries
+    warmer(app).check()  # saved again, from the slot the request left it in
+    assert warmer(app).registry.entries["@code"]["file"] == name
+    assert llama.files[name] == llama.contents[slot]
+    assert warmer(app).entries["@code"].state == "warm"
+
+
 def test_admin_can_ask_for_a_warmup(app, llama, admin):
     warmer(app).check()
 
