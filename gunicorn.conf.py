@@ -4,13 +4,12 @@ Addresses come from bioproxy's own configuration (config file and BIOPROXY_*
 environment), so gunicorn and the app always agree on which port is the admin port.
 """
 
-import logging
 import os
-import socket
 import sys
 
 # Module-level names are read as gunicorn settings, so bioproxy's own are kept private.
 from bioproxy import config as _config
+from bioproxy import worker as _worker
 
 try:
     # A reload (SIGHUP) with a broken configuration keeps the running one (gunicorn's
@@ -79,38 +78,8 @@ def when_ready(server):
 
 
 def post_worker_init(worker):
-    """Set up the worker's sockets and bioproxy's logging."""
-    # gunicorn writes a response's headers and its first chunk in two sends; with Nagle's
-    # algorithm the chunk then waits for the client's delayed ACK (up to 40 ms). Accepted
-    # connections inherit TCP_NODELAY from the listener.
-    for listener in worker.sockets:
-        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # bioproxy's records go through gunicorn's error log handlers, at its level.
-    logger = logging.getLogger("bioproxy")
-    logger.handlers = worker.log.error_log.handlers
-    logger.setLevel(worker.log.error_log.level)
-    logger.propagate = False
-    logger.info("%s", _config.describe_source(_settings))
-    # The greenlet that watches the templates and keeps them warm, stopped as soon as the
-    # worker is told to go (SIGTERM, or a reload): it must not start work it cannot finish,
-    # nor overlap with the next worker's warmups.
-    import gevent
-
-    warmer = worker.wsgi.extensions["bioproxy"].warmer
-    warmer.start()
-
-    def stop_warmer_when_told():
-        while worker.alive:
-            gevent.sleep(0.2)
-        warmer.stop()
-
-    gevent.spawn(stop_warmer_when_told)
+    _worker.start(worker)  # sockets, logging, and the warmer's greenlet
 
 
 def worker_exit(server, worker):
-    """After the last request: stop the warmer (if not yet) and close llama.cpp connections."""
-    app = getattr(worker, "wsgi", None)
-    if app is not None:
-        state = app.extensions["bioproxy"]
-        state.warmer.stop()
-        state.upstream.close()
+    _worker.stop(worker)  # the warmer, and the connections to llama.cpp

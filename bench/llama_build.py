@@ -27,7 +27,7 @@ import requests
 from bench.proxy_overhead import machine, table
 from bench.warmup import long_reference
 from bioproxy.llamacpp import LlamaServer, binary_path
-from tests.servers import free_port
+from bioproxy.testing import free_port
 
 
 def measure(binary, prompt, workdir, name):

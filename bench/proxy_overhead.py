@@ -29,7 +29,7 @@ import time
 import requests
 
 from bioproxy.llamacpp import LlamaServer
-from tests.servers import Bioproxy, Nginx, free_port
+from bioproxy.testing import Bioproxy, Nginx, free_port
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 

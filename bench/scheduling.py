@@ -30,7 +30,7 @@ from bench.proxy_overhead import machine, table
 from bench.warmup import first_token
 from bioproxy import templates
 from bioproxy.llamacpp import LlamaServer
-from tests.servers import Bioproxy, free_port
+from bioproxy.testing import Bioproxy, free_port
 
 CLIENTS = 8
 PLAIN_SHARE = 0.2

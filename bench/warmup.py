@@ -25,7 +25,7 @@ import requests
 from bench.proxy_overhead import machine, table
 from bioproxy import templates
 from bioproxy.llamacpp import LlamaServer
-from tests.servers import Bioproxy, free_port
+from bioproxy.testing import Bioproxy, free_port
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 QUESTIONS = [

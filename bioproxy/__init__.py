@@ -3,20 +3,25 @@
 import dataclasses
 import time
 
-from flask import Flask
+from flask import Flask, current_app
 
 from . import config
 
 
 @dataclasses.dataclass
 class State:
-    """What the views share: settings, the upstream and the metrics."""
+    """What the views share: settings, metrics, the templates and the llama-server."""
 
     settings: config.Settings
-    upstream: "upstream.Upstream"  # noqa: F821
     metrics: "metrics.Metrics"  # noqa: F821
-    warmer: "warmup.Warmer"  # noqa: F821
+    catalog: "catalog.Catalog"  # noqa: F821
+    backend: "backend.Backend"  # noqa: F821
     started: float
+
+
+def get_state():
+    """The app's State, from a view."""
+    return current_app.extensions["bioproxy"]
 
 
 class Bioproxy(Flask):
@@ -41,25 +46,26 @@ def create_app(overrides=None):
     # master process, and requests must first be imported after gevent's monkey-patching,
     # which happens in the worker.
     from . import admin, errors, proxy
+    from .backend import Backend
+    from .catalog import Catalog
     from .metrics import Metrics
-    from .upstream import Upstream
-    from .warmup import Warmer
 
     settings = config.load_or_running(overrides)
+    paths = settings.paths
     app = Bioproxy(__name__, host_matching=True, static_folder=None)
-    upstream = Upstream(
-        settings.backend_url,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.upstream_timeout,
-        health_timeout=settings.health_timeout,
-        api_key=settings.backend_api_key,
-    )
     metrics = Metrics(app)
+    catalog = Catalog(
+        settings.prefixes, paths.base_dir, paths.template_root, settings.max_template_bytes, metrics
+    )
+    backend = Backend(settings, paths, catalog, metrics)
+    # The files bioproxy reads before it serves: the templates, and what it saved.
+    backend.warmer.reload()
+    backend.open()
     app.extensions["bioproxy"] = State(
         settings=settings,
-        upstream=upstream,
         metrics=metrics,
-        warmer=Warmer(settings, config.base_dir(), upstream, metrics),
+        catalog=catalog,
+        backend=backend,
         started=time.monotonic(),
     )
     errors.init_app(app)

@@ -5,10 +5,12 @@ import time
 from importlib import resources
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import NotFound
 
+from . import get_state
+from .backend import get_backend
 from .errors import CrossSiteRequest
 from .metrics import do_not_track
 
@@ -24,7 +26,7 @@ def refuse_other_names():
     this port as its own origin: what it sends then is that name, in Host.
     """
     host = urlsplit("//" + request.host).hostname or ""
-    allowed = current_app.extensions["bioproxy"].settings.admin_hosts
+    allowed = get_state().settings.admin_hosts
     names = {name.strip().lower() for name in allowed.split(",") if name.strip()}
     if not _is_address_or_localhost(host) and host.lower() not in names:
         raise CrossSiteRequest(
@@ -87,12 +89,12 @@ def health():
     With ?always_200 the answer is 200 whatever llama.cpp's state, for the status page:
     browsers log every 5xx answer to a fetch() as an error in their console.
     """
-    state = current_app.extensions["bioproxy"]
-    backend, detail = state.upstream.health()
+    upstream = get_backend().upstream
+    backend, detail = upstream.health()
     body = {
         "status": "ok" if backend == "ok" else "degraded",
-        "uptime_seconds": round(time.monotonic() - state.started, 3),
-        "backend": {"url": state.upstream.base_url, "status": backend},
+        "uptime_seconds": round(time.monotonic() - get_state().started, 3),
+        "backend": {"url": upstream.base_url, "status": backend},
     }
     if detail:
         body["backend"]["detail"] = detail
@@ -104,18 +106,17 @@ def health():
 @bp.get("/metrics", host="admin")
 def metrics():
     """Every metric in Prometheus' text format."""
-    registry = current_app.extensions["bioproxy"].metrics.registry
-    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(get_state().metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
 
 @bp.get("/templates", host="admin")
 def templates():
     """Each configured template: its file, state, tokens, save file and last warmup."""
-    warmer = current_app.extensions["bioproxy"].warmer
+    backend = get_backend()
     return jsonify(
         {
-            "backend": backend_seen(warmer.slots),
-            "templates": [describe(warmer, entry) for entry in warmer.entries.values()],
+            "backend": backend.seen(),
+            "templates": [backend.describe(entry.prefix) for entry in get_state().catalog],
         }
     )
 
@@ -123,11 +124,11 @@ def templates():
 @bp.post("/templates/<path:prefix>/warmup", host="admin")
 def warmup(prefix):
     """Warm a template again now (in the background); 202 with its entry."""
-    warmer = current_app.extensions["bioproxy"].warmer
-    if prefix not in warmer.entries:
+    backend = get_backend()
+    if prefix not in backend.warmth:
         raise NotFound(f"no template has the prefix {prefix!r}")
-    warmer.request_warmup(prefix)
-    response = jsonify(describe(warmer, warmer.entries[prefix]))
+    backend.warmer.request_warmup(prefix)
+    response = jsonify(backend.describe(prefix))
     response.status_code = 202
     return response
 
@@ -135,10 +136,9 @@ def warmup(prefix):
 @bp.get("/status", host="admin")
 def status():
     """What bioproxy is doing: llama-server's slots, the queue, the warmups."""
-    state = current_app.extensions["bioproxy"]
-    warmer = state.warmer
-    scheduler = warmer.scheduler.describe()
-    if not warmer.slots.reachable:
+    backend = get_backend()
+    scheduler = backend.scheduler.describe()
+    if not backend.slots.table.reachable:
         # What llama-server is doing is unknown while it does not answer: only the
         # requests bioproxy itself has sent there are known.
         for slot in scheduler["slots"]:
@@ -146,22 +146,10 @@ def status():
                 slot["state"], slot["task"] = "unknown", None
     return jsonify(
         {
-            "backend": state.upstream.base_url,
-            "backend_seen": backend_seen(warmer.slots),
+            "backend": backend.upstream.base_url,
+            "backend_seen": backend.seen(),
             **scheduler,
-            "warmups": warmer.describe_warmups(),
-            "ttft": state.metrics.recent_first_tokens.buckets(),
+            "warmups": backend.warmer.describe(),
+            "ttft": get_state().metrics.recent_first_tokens.buckets(),
         }
     )
-
-
-def describe(warmer, entry):
-    return entry.describe(warmer.registry, warmer.slots.model)
-
-
-def backend_seen(slots):
-    """Whether bioproxy's last look at llama-server reached it, and when one last did.
-
-    While it is unreachable, templates' and slots' states are as of that time.
-    """
-    return {"reachable": slots.reachable, "last_seen": slots.seen_at}

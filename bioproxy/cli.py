@@ -33,7 +33,7 @@ def start_local_backend(settings, binary=None):
     """A llama-server with the bundled model at the backend address."""
     parts = requests.utils.urlparse(settings.backend_url)
     # Beside bioproxy's own record of its saves.
-    folder = config.resolve_path(settings.state_dir, config.base_dir())
+    folder = settings.paths.state_dir
     os.makedirs(folder, exist_ok=True)
     server = llamacpp.LlamaServer(
         port=parts.port or 80,
@@ -125,16 +125,17 @@ def check_config(environ):
     except config.ConfigError as e:
         print(f"bioproxy: configuration error: {e}")
         return 1
-    base = config.base_dir(environ)
+    paths = settings.paths
     print(config.describe_source(settings, environ))
     print(
         f"proxy {settings.proxy_bind}, admin {settings.admin_bind}, backend {settings.backend_url}"
     )
-    root = config.resolve_path(settings.template_root, base)
     broken = 0
     for prefix, file in sorted(settings.prefixes.items()):
         try:
-            template = templates.load(prefix, file, base, root, settings.max_template_bytes)
+            template = templates.load(
+                prefix, file, paths.base_dir, paths.template_root, settings.max_template_bytes
+            )
         except templates.TemplateError as e:
             broken += 1
             print(f"  {prefix}: BROKEN: {e}")

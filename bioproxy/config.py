@@ -4,7 +4,10 @@ import dataclasses
 import json
 import logging
 import os
-from urllib.parse import urlsplit
+
+from .validation import ConfigError, check, parse_env
+
+__all__ = ["ConfigError", "Settings", "load", "load_or_running"]
 
 log = logging.getLogger(__name__)
 
@@ -13,10 +16,6 @@ DEFAULT_PATH = "~/.config/bioproxy/config.json"
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "config.json")
 # Where gunicorn's master keeps the settings it runs with, for a reload that fails.
 RUNNING = "BIOPROXY_RUNNING_SETTINGS"
-
-
-class ConfigError(Exception):
-    """A configuration problem, described in one line that names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +59,19 @@ class Settings:
     # Names the admin port answers to besides localhost and IP addresses, comma-separated
     # (a name a Prometheus server scrapes it by, say): any other Host is a web page's.
     admin_hosts: str = ""
+    # Not a key: the folder relative paths are relative to, set by load().
+    base_dir: str = dataclasses.field(default="", compare=False, metadata={"key": False})
+
+    @property
+    def paths(self):
+        """The configured paths resolved: absolute, ~ expanded."""
+        base = self.base_dir or os.getcwd()
+        return Paths(
+            base_dir=base,
+            template_root=resolve_path(self.template_root, base),
+            state_dir=resolve_path(self.state_dir, base),
+            slot_save_path=resolve_path(self.slot_save_path, base) if self.slot_save_path else None,
+        )
 
     @property
     def proxy_bind(self):
@@ -70,7 +82,18 @@ class Settings:
         return _bind_address(self.admin_host, self.admin_port)
 
 
-FIELDS = {field.name: field for field in dataclasses.fields(Settings)}
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    base_dir: str
+    template_root: str
+    state_dir: str
+    slot_save_path: str | None  # None: llama-server's slot folder is not known here
+
+
+# The config file's keys.
+FIELDS = {
+    field.name: field for field in dataclasses.fields(Settings) if field.metadata.get("key", True)
+}
 
 
 def env_name(key):
@@ -151,7 +174,7 @@ def read_environ(environ):
     for key, field in FIELDS.items():
         name = env_name(key)
         if name in environ:
-            values[key] = _parse_env(name, environ[name], field.type)
+            values[key] = parse_env(name, environ[name], field.type)
     return values
 
 
@@ -166,9 +189,9 @@ def load(overrides=None, environ=None):
         ("overrides", overrides or {}),
     ):
         for key, value in layer.items():
-            _check(key, value, source)
+            check(key, value, source, FIELDS)
             values[key] = value
-    settings = Settings(**values)
+    settings = Settings(**values, base_dir=base_dir(environ))
     if settings.proxy_port == settings.admin_port:
         raise ConfigError(f"proxy_port and admin_port are both {settings.proxy_port}")
     return settings
@@ -199,82 +222,6 @@ def dump(settings):
 def running(environ):
     """The settings gunicorn's master ran with before a reload whose configuration fails."""
     return Settings(**json.loads(environ[RUNNING]))
-
-
-def _parse_env(name, text, kind):
-    if kind is bool:
-        word = text.strip().lower()
-        if word in ("1", "true", "yes", "on"):
-            return True
-        if word in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{name}: expected {_describe(kind)}, got {text!r}")
-    try:
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-        if kind is dict:
-            return json.loads(text)
-    except ValueError:
-        raise ConfigError(f"{name}: expected {_describe(kind)}, got {text!r}") from None
-    return text
-
-
-def _check(key, value, source):
-    if key not in FIELDS:
-        raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(FIELDS)})")
-    kind = FIELDS[key].type
-    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok:
-        raise ConfigError(f"{source}: {key} must be {_describe(kind)}, got {value!r}")
-    problem = _problem(key, value)
-    if problem:
-        raise ConfigError(f"{source}: {key} {problem}, got {value!r}")
-
-
-def _problem(key, value):
-    """What is wrong with a value of the right type, or None."""
-    if key.endswith("_port") and not 1 <= value <= 65535:
-        return "must be a port number from 1 to 65535"
-    if key.endswith("_host") and not value.strip():
-        return "must not be empty"
-    if key == "backend_url":
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            return "must be an http:// or https:// URL with a host"
-        try:
-            parts.port  # noqa: B018 - reading it validates it
-        except ValueError:
-            return "has an invalid port"
-        if parts.query or parts.fragment:
-            return "must not have a query or fragment"
-    positive = key.endswith(("_timeout", "_bytes")) or key == "warmup_check_interval"
-    if positive and value <= 0:
-        return "must be greater than 0"
-    if key == "queue_max_length" and value < 0:
-        return "must be 0 or more"
-    if key in ("warmup_concurrency", "warmup_piece_chars") and value < 1:
-        return "must be 1 or more"
-    if key == "prefixes":
-        for prefix, template in value.items():
-            if not prefix or prefix != prefix.strip() or " " in prefix:
-                return f"has a prefix {prefix!r} that is empty or holds spaces"
-            if not isinstance(template, str) or not template:
-                return f"maps {prefix!r} to {template!r}, which is not a file path"
-    return None
-
-
-def _describe(kind):
-    return {
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        dict: "a JSON object",
-        bool: "true or false",
-    }[kind]
 
 
 def _bind_address(host, port):

@@ -43,6 +43,9 @@ LABELLED = SLOTTED | {
     "/lora-adapters",
 }
 SLOT_ACTION_LABEL = "/slots/{id}"
+# Answered without an API key: probes (llama-server lets its /health through too). CORS
+# preflights (OPTIONS) carry no key either, whatever the path.
+PUBLIC = frozenset({"/health", "/v1/health"})
 
 # llama-server's one route with a parameter, "/slots/:id_slot": cpp-httplib matches any
 # segment there (empty too) and accepts one trailing "/". Matched at the end of the path,

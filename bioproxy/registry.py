@@ -52,8 +52,12 @@ class Registry:
     def __init__(self, state_dir, slot_save_path=None):
         self.path = os.path.join(state_dir, "saved.json")
         self.slot_save_path = slot_save_path
-        self.entries = self._read()
+        self.entries = {}  # prefix -> what was saved for it; load() reads them
         self.intact = {}  # path -> (size, mtime, inode) when its content was last verified
+
+    def load(self):
+        """Read saved.json (none, or unreadable: nothing saved)."""
+        self.entries = self._read()
 
     def find(self, prefix, digest, model):
         """The saved entry for this version of a template on this model, or None."""

@@ -7,58 +7,36 @@ in a bounded queue: users first in order of arrival, warmups after them.
 
 The bookkeeping (Scheduler.submit, release, expire, leave) is plain code driven by an
 injectable clock; Scheduler.acquire adds the waiting, with gevent.
+
+Invariants, true after every call (tests/test_scheduler.py checks them under random
+traffic, through invariants()):
+1. A slot is granted to at most one ticket at a time: `busy` maps it to that ticket,
+   whose outcome is GRANTED; a ticket is GRANTED only while `busy` holds it.
+2. A slot that is foreign (busy in llama-server for work bioproxy did not give out) is
+   granted to no one until a read of the slots shows it idle.
+3. A ticket is in the queue exactly while its outcome is QUEUED, and the queue is in
+   (priority, arrival) order: every user before every warmup.
+4. No ticket waits while a free slot would take it: dispatch() runs after every change
+   (a submit, a release, a leave, a new picture of the foreign slots), and grants free
+   slots to the queue in order. A ticket that names a busy slot holds no one else up.
+5. At most max_queue users wait, however many warmups do.
+6. release() gives a slot back once: a second call for the same ticket does nothing.
 """
 
 import itertools
 import math
 import time
 
-from gevent.event import Event
-
 from .errors import QueueFull, QueueTimeout
+from .ticket import FULL, GONE, GRANTED, QUEUED, TIMEOUT, USER, WARMUP, Outcome, Ticket
 
-USER, WARMUP = 0, 1  # priorities: a lower one is served first
-
-# Outcomes of a ticket.
-QUEUED, GRANTED, FULL, TIMEOUT, GONE, RELEASED = (
-    "queued",
-    "granted",
-    "full",
-    "timeout",
-    "gone",
-    "released",
-)
-
-
-class Ticket:
-    """One request's claim on a slot, from its arrival to the slot's release."""
-
-    def __init__(self, priority=USER, template=None, slot=None, label=None):
-        self.priority = priority
-        self.template = template  # the template prefix it needs, None for a plain request
-        self.wanted = slot  # the one slot it must have (the client named it), or None
-        self.label = label or ("warmup" if priority == WARMUP else "request")
-        self.outcome = QUEUED
-        self.slot = None  # the slot granted
-        self.arrived = None  # clock time of submit()
-        self.granted_at = None
-        self.order = None  # place in arrival order
-        self.event = Event()  # set when the ticket leaves the queue, whatever the outcome
-
-    def describe(self, now):
-        since = self.granted_at if self.outcome == GRANTED else self.arrived
-        return {
-            "kind": self.label,
-            "template": self.template,
-            "slot": self.slot if self.slot is not None else self.wanted,
-            "seconds": round(now - since, 3) if since is not None else None,
-        }
+__all__ = ["FULL", "GONE", "GRANTED", "QUEUED", "TIMEOUT", "USER", "WARMUP", "Outcome", "Ticket"]
 
 
 class Scheduler:
     """The slots bioproxy hands out, and the requests waiting for one.
 
-    slots is the Slots model: its count, and which template each slot holds.
+    slots is the SlotTable: its count, and which template each slot holds.
     """
 
     def __init__(self, slots, max_queue, max_wait, metrics=None, clock=time.monotonic):
@@ -78,6 +56,7 @@ class Scheduler:
         self.queue = []  # waiting Tickets, served by (priority, arrival)
         self.arrivals = itertools.count()
         self.hold_seconds = None  # moving average of how long a slot is held
+        self.on_drain = None  # called when a slot is given back with work still under way
 
     # The bookkeeping.
 
@@ -108,13 +87,15 @@ class Scheduler:
             del self.busy[ticket.slot]
             if drain:
                 self.foreign.add(ticket.slot)
+                if self.on_drain is not None:
+                    self.on_drain()
         self.releases += 1
         self.released[ticket.slot] = self.releases
         if ticket.priority == USER:  # Retry-After speaks of requests, not warmups
             held = self.clock() - ticket.granted_at
             average = self.hold_seconds
             self.hold_seconds = held if average is None else 0.8 * average + 0.2 * held
-        ticket.outcome = RELEASED
+        ticket.release()
         self.dispatch()
 
     def leave(self, ticket, outcome=GONE):
@@ -161,8 +142,7 @@ class Scheduler:
 
     def holding(self, slot):
         """The template prefix a slot holds, as far as bioproxy knows, or None."""
-        held = self.slots.held.get(slot)
-        return held[0] if held else None
+        return self.slots.holding(slot)
 
     def _free(self):
         return [s for s in range(self.slots.count) if s not in self.busy and s not in self.foreign]
@@ -181,20 +161,24 @@ class Scheduler:
         }
         self.dispatch()
 
+    def forget_foreign(self):
+        """No one will read the slots again (the warmer stopped): what llama-server was
+        busy with is not known, and no slot is kept from the queue for it."""
+        self.foreign.clear()
+        self.dispatch()
+
     def _grant(self, ticket, slot):
         now = self.clock()
-        ticket.slot, ticket.granted_at = slot, now
         self.busy[slot] = ticket
         self.used[slot] = now
-        self._finish(ticket, GRANTED)
+        ticket.grant(slot, now)
         if self.metrics is not None and ticket.priority == USER:
             self.metrics.queue_wait.observe(now - ticket.arrived)
 
     def _finish(self, ticket, outcome):
-        ticket.outcome = outcome
-        ticket.event.set()
+        ticket.finish(outcome)
         if self.metrics is not None and outcome in (FULL, TIMEOUT):
-            self.metrics.queue_rejections.labels(outcome).inc()
+            self.metrics.queue_rejections.labels(outcome.value).inc()
         elif self.metrics is not None and outcome == GONE and ticket.priority == USER:
             self.metrics.queue_abandoned.inc()
 
@@ -207,6 +191,23 @@ class Scheduler:
         for slot in range(self.slots.count):
             state = "busy" if slot in self.busy or slot in self.foreign else "idle"
             occupancy.labels(self.holding(slot) or "", state).inc()
+
+    def invariants(self):
+        """Which of the invariants above do not hold now, in words (none, ever)."""
+        broken = []
+        if any(t.outcome != GRANTED or t.slot != s for s, t in self.busy.items()):
+            broken.append("1: a busy slot's ticket is not granted that slot")
+        if self.foreign & set(self.busy):
+            broken.append("2: a foreign slot is granted")
+        order = [(t.priority, t.order) for t in self.queue]
+        if any(t.outcome != QUEUED for t in self.queue) or order != sorted(order):
+            broken.append("3: the queue holds a ticket not queued, or is out of order")
+        free = self._free()
+        if free and any(self.choose(t, free) is not None for t in self.queue):
+            broken.append("4: a ticket waits while a free slot would take it")
+        if sum(1 for t in self.queue if t.priority == USER) > self.max_queue:
+            broken.append("5: more users wait than max_queue")
+        return broken
 
     def retry_after(self):
         """Seconds a refused client should wait before trying again (1 to 60)."""

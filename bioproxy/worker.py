@@ -12,6 +12,8 @@ requests or the app, which must come after the worker's monkey-patching.
 """
 
 import json
+import logging
+import socket
 
 import gevent
 from gunicorn import util
@@ -63,3 +65,40 @@ class Worker(GeventWorker):
         self.cfg.worker_int(self)
         gevent.sleep(0.1)
         gevent.get_hub().parent.throw(SystemExit(0))
+
+
+def start(worker):
+    """Once the worker has loaded the app: its sockets, bioproxy's logging, the warmer."""
+    # gunicorn writes a response's headers and its first chunk in two sends; with Nagle's
+    # algorithm the chunk then waits for the client's delayed ACK (up to 40 ms). Accepted
+    # connections inherit TCP_NODELAY from the listener.
+    for listener in worker.sockets:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # bioproxy's records go through gunicorn's error log handlers, at its level.
+    logger = logging.getLogger("bioproxy")
+    logger.handlers = worker.log.error_log.handlers
+    logger.setLevel(worker.log.error_log.level)
+    logger.propagate = False
+    from . import config
+
+    state = worker.wsgi.extensions["bioproxy"]
+    logger.info("%s", config.describe_source(state.settings))
+    # The greenlet that watches the templates and keeps them warm, stopped as soon as the
+    # worker is told to go (SIGTERM, or a reload): it must not start work it cannot
+    # finish, nor overlap with the next worker's warmups.
+    warmer = state.backend.warmer
+    warmer.start()
+
+    def stop_warmer_when_told():
+        while worker.alive:
+            gevent.sleep(0.2)
+        warmer.stop()
+
+    gevent.spawn(stop_warmer_when_told)
+
+
+def stop(worker):
+    """After the last request: stop the warmer (if not yet), close llama.cpp connections."""
+    app = getattr(worker, "wsgi", None)
+    if app is not None:
+        app.extensions["bioproxy"].backend.close()

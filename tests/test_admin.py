@@ -130,7 +130,7 @@ def test_web_pages_cannot_post_actions(make_app, origin):
 
     assert answer.status_code == 403
     assert answer.get_json()["error"]["code"] == "cross_site_request"
-    assert app.extensions["bioproxy"].warmer.entries["@code"].forced is False
+    assert app.extensions["bioproxy"].backend.warmth["@code"].forced is False
 
 
 def test_tools_and_the_status_page_can_post_actions(make_app):

@@ -121,11 +121,11 @@ def test_no_request_body_gets_a_500(fuzzed, monkeypatch, tmp_path, body, path):
             mock.post(f"{BACKEND}{upstream}", json={"ok": True})
         app = create_app({"backend_url": BACKEND, "state_dir": str(tmp_path / "state")})
         app.test_client_class = ListenerClient
-        warmer = app.extensions["bioproxy"].warmer
-        warmer.slots.refresh()
+        backend = app.extensions["bioproxy"].backend
+        backend.slots.refresh()
         users = []  # each request that held warmups off
-        user_started = warmer.user_started
-        warmer.user_started = lambda: (users.append(1), user_started())
+        user_started = backend.gate.user_started
+        backend.gate.user_started = lambda: (users.append(1), user_started())
 
         answer = app.test_client().post(path, data=body)
         answer.close()  # the slot is given back when the response is closed
@@ -134,9 +134,9 @@ def test_no_request_body_gets_a_500(fuzzed, monkeypatch, tmp_path, body, path):
         if answer.status_code == 400:
             assert answer.json["error"]["type"] == "invalid_request_error"
             # Refused before it counted as a user: no slot taken, no warmup held off.
-            assert (warmer.scheduler.used, users) == ({}, [])
-        assert warmer.scheduler.busy == {}
-        assert warmer.users == 0
+            assert (backend.scheduler.used, users) == ({}, [])
+        assert backend.scheduler.busy == {}
+        assert backend.gate.users == 0
 
 
 @settings(max_examples=300, deadline=None)

@@ -163,7 +163,7 @@ def test_llama_server_s_own_key_goes_with_proxied_requests_and_bioproxy_s_calls(
     app = make_app(backend_api_key="llama-key")
 
     app.test_client().post("/tokenize", data=b"{}", headers={"Authorization": "Bearer mine"})
-    app.extensions["bioproxy"].upstream.health()
+    app.extensions["bioproxy"].backend.upstream.health()
 
     assert [c.request.headers["Authorization"] for c in responses.calls] == [
         "Bearer llama-key",
@@ -451,15 +451,15 @@ def test_a_request_without_the_key_does_not_hold_warmups_off(make_app):
             self.cancelled = True
 
     app = make_app(api_key="k")
-    warmer = app.extensions["bioproxy"].warmer
-    warmer.evaluations.add(running := Evaluation())
+    gate = app.extensions["bioproxy"].backend.gate
+    gate.runs.add(running := Evaluation())
 
     answer = app.test_client().post("/v1/chat/completions", data=b"{}")
     answer.close()
 
     assert answer.status_code == 401
     assert not running.cancelled
-    assert warmer.users == 0 and warmer.idle.is_set()
+    assert gate.users == 0 and gate.idle.is_set()
     assert app.extensions["bioproxy"].metrics.in_flight._value.get() == 0
 
 

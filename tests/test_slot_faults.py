@@ -11,7 +11,7 @@ import requests
 import responses
 
 from tests.conftest import ADMIN_BASE
-from tests.test_warmup import CODE, ask, sample, warmer
+from tests.test_warmup import CODE, ask, backend, sample, warmer
 
 INTERVAL = 10  # warmup_check_interval: failed warmups pause 20 s, 40 s, ...
 
@@ -45,7 +45,7 @@ def listed(admin, prefix="@code"):
 
 
 def held_by(app, prefix="@code"):
-    return [slot for slot, held in warmer(app).slots.held.items() if held[0] == prefix]
+    return [slot for slot, held in backend(app).slots.table.held.items() if held[0] == prefix]
 
 
 def counts(admin, name, prefix="@code"):
@@ -61,7 +61,7 @@ def called(llama, action):
 
 def pause_passes(app):
     """As if the failed template's pause were over."""
-    warmer(app).entries["@code"].retry_at = 0
+    backend(app).warmth["@code"].retry_at = 0
 
 
 def answers(status):
@@ -111,7 +111,7 @@ def test_a_failed_save_leaves_the_template_failed_and_unrecorded(
     assert counts(admin, "bioproxy_warmups_total") == {"ok": 0, "failed": 1}
     assert counts(admin, "bioproxy_slot_saves_total") == {"ok": 0, "failed": 1}
     assert [w["outcome"] for w in admin.get("/status").json["warmups"]["recent"]] == ["failed"]
-    assert warmer(app).registry.entries == {}
+    assert backend(app).caches.registry.entries == {}
     answer = ask(client, "@code Why?")
     assert answer.status_code == 200
     assert answer.headers["X-Bioproxy-Cache"] == cache
@@ -119,7 +119,7 @@ def test_a_failed_save_leaves_the_template_failed_and_unrecorded(
 
 def test_a_failed_save_forgets_the_file_it_may_have_spoiled(app, llama, folder, admin):
     warmer(app).check()
-    name = warmer(app).registry.entries["@code"]["file"]
+    name = backend(app).caches.registry.entries["@code"]["file"]
     (folder / "slots" / name).write_bytes(b"kv")
     admin.post("/templates/@code/warmup")
     # llama-server queued the save behind another request: it may still write the file.
@@ -127,7 +127,7 @@ def test_a_failed_save_forgets_the_file_it_may_have_spoiled(app, llama, folder, 
 
     warmer(app).check()
 
-    assert warmer(app).registry.entries == {}
+    assert backend(app).caches.registry.entries == {}
     assert not (folder / "slots" / name).exists()
     assert listed(admin)["state"] == "failed"
 
@@ -145,7 +145,7 @@ def test_a_save_that_fails_on_a_full_disk_leaves_no_partial_file(app, llama, fol
 
     assert listed(admin)["state"] == "failed"
     assert list((folder / "slots").iterdir()) == []
-    assert warmer(app).registry.entries == {}
+    assert backend(app).caches.registry.entries == {}
 
 
 def restart(llama):
@@ -174,7 +174,7 @@ def test_a_restart_between_evaluation_and_save_is_a_failed_warmup_tried_again_la
 
     assert listed(admin)["state"] == "failed"
     assert held_by(app) == []
-    assert warmer(app).registry.entries == {}
+    assert backend(app).caches.registry.entries == {}
     assert counts(admin, "bioproxy_warmups_total") == {"ok": 0, "failed": 1}
     cold = ask(client, "@code Why?")
     assert cold.headers["X-Bioproxy-Cache"] == "cold"
@@ -216,7 +216,7 @@ def test_a_save_that_keeps_failing_is_retried_after_doubling_pauses_not_in_a_sto
     assert all(gap >= interval * 2 ** (i + 1) for i, gap in enumerate(gaps)), gaps
     passes = sum(1 for call in responses.calls if call.request.url.endswith("/props"))
     assert passes <= seconds / interval + 2  # one look at llama-server per interval
-    assert warmer(app).entries["@code"].state == "failed"
+    assert backend(app).warmth["@code"].state == "failed"
 
 
 # Restores: a user's request, into a slot the template was pushed out of.
@@ -232,7 +232,7 @@ RESTORE_FAULTS = {
 def warm_then_pushed_out(app, llama):
     warmer(app).check()
     llama.run_other_task(llama.evaluated[0][0])
-    return warmer(app).registry.entries["@code"]["file"]
+    return backend(app).caches.registry.entries["@code"]["file"]
 
 
 @pytest.mark.parametrize("fault", RESTORE_FAULTS.values(), ids=RESTORE_FAULTS.keys())
@@ -289,7 +289,7 @@ def test_a_warmer_s_restore_that_fails_is_tried_again_after_a_pause_not_evaluate
 
 def test_a_warmer_s_restore_of_a_missing_file_evaluates_again_at_once(app, llama, admin):
     warmer(app).check()
-    old = warmer(app).registry.entries["@code"]["file"]
+    old = backend(app).caches.registry.entries["@code"]["file"]
     llama.restart()
     llama.files.clear()  # llama-server's slot folder lost its files: 400
 
@@ -298,7 +298,7 @@ def test_a_warmer_s_restore_of_a_missing_file_evaluates_again_at_once(app, llama
     assert [a for a, _, _ in llama.actions] == ["save", "restore", "save"]
     assert len(llama.evaluated) == 2
     assert listed(admin)["state"] == "warm"
-    assert warmer(app).registry.entries["@code"]["file"] == old  # saved anew
+    assert backend(app).caches.registry.entries["@code"]["file"] == old  # saved anew
     assert counts(admin, "bioproxy_slot_restores_total") == {"ok": 0, "failed": 1}
 
 
@@ -312,7 +312,7 @@ def test_a_restored_file_that_is_not_what_was_saved_is_forgotten_and_evaluated_a
 
     assert answer.headers["X-Bioproxy-Cache"] == "cold"
     assert counts(admin, "bioproxy_slot_restores_total") == {"ok": 0, "failed": 1}
-    assert warmer(app).registry.entries == {}
+    assert backend(app).caches.registry.entries == {}
     assert listed(admin)["state"] == "stale"
     warmer(app).check()
     assert listed(admin)["state"] == "warm" and len(llama.evaluated) == 2
@@ -322,7 +322,7 @@ def test_without_slot_save_path_a_file_saved_before_is_kept_and_the_template_eva
     app, make_app, llama, folder, client, admin
 ):
     warmer(app).check()
-    saved = warmer(app).registry.entries["@code"]
+    saved = backend(app).caches.registry.entries["@code"]
     llama.restart()  # now without --slot-save-path: every slot action answers 501
     llama.status = {"save": 501, "restore": 501}
     again = make_app(prefixes={"@code": "code.txt"}, slot_save_path=str(folder / "slots"))
@@ -332,7 +332,7 @@ def test_without_slot_save_path_a_file_saved_before_is_kept_and_the_template_eva
 
     assert [a for a, _, _ in llama.actions] == ["save", "restore", "save"]
     assert listed(admin)["state"] == "warm"
-    assert warmer(again).registry.entries["@code"] == saved  # for a server that can use it
+    assert backend(again).caches.registry.entries["@code"] == saved  # for a server that can use it
     assert counts(admin, "bioproxy_warmups_total") == {"ok": 1, "failed": 0}
     assert counts(admin, "bioproxy_slot_saves_total") == {"ok": 0, "failed": 1}
     answer = ask(again.test_client(), "@code Why?")
@@ -363,7 +363,7 @@ def test_the_retry_of_a_failed_save_evaluates_the_template_its_slot_holds_in_one
     folder,
 ):
     (folder / "code.txt").write_text("".join(f"rule {i}\n" for i in range(40)) + "<{message}>")
-    warmer(app).piece_chars = 100
+    warmer(app).warmups.piece_chars = 100
     llama.status["save"] = 500
     warmer(app).check()
     first = len(llama.evaluated)
@@ -375,4 +375,4 @@ def test_the_retry_of_a_failed_save_evaluates_the_template_its_slot_holds_in_one
     # In pieces, the first would cut llama-server's cache of the slot back to it.
     assert first > 2
     assert [prompt for _, prompt in llama.evaluated[first:]] == [llama.evaluated[first - 1][1]]
-    assert warmer(app).entries["@code"].state == "warm"
+    assert backend(app).warmth["@code"].state == "warm"

@@ -41,8 +41,16 @@ def app(make_app, folder, llama):
     )
 
 
+def backend(app):
+    return app.extensions["bioproxy"].backend
+
+
 def warmer(app):
-    return app.extensions["bioproxy"].warmer
+    return backend(app).warmer
+
+
+def catalog(app):
+    return app.extensions["bioproxy"].catalog
 
 
 def ask(client, text, **extra):
@@ -115,11 +123,8 @@ def test_a_failed_restore_still_answers_cold_and_is_counted(app, llama, client, 
     assert answer.get_json()["timings"]["cache_n"] == 0
     assert sample(admin, "bioproxy_slot_restores_total", template="@code", outcome="failed") == 1
     # The file is forgotten and the template warmed again at the next pass.
-    entry = warmer(app).entries["@code"]
-    assert entry.state == "stale"
-    assert (
-        warmer(app).registry.find("@code", entry.template.digest, warmer(app).slots.model) is None
-    )
+    assert backend(app).warmth["@code"].state == "stale"
+    assert backend(app).caches.find("@code", catalog(app)["@code"].template) is None
 
 
 def test_a_restore_that_times_out_on_a_busy_slot_answers_cold(app, llama, client, admin):
@@ -142,7 +147,7 @@ def test_without_slot_save_path_templates_warm_but_are_not_saved(app, llama, cli
 
     assert answer.headers["X-Bioproxy-Cache"] == "slot"
     assert sample(admin, "bioproxy_slot_saves_total", template="@code", outcome="failed") == 1
-    assert warmer(app).registry.entries == {}
+    assert backend(app).caches.registry.entries == {}
     # Pushed out, there is nothing to restore from: cold, and no restore attempted.
     llama.run_other_task(llama.chats[-1]["id_slot"])
     llama.actions.clear()
@@ -152,14 +157,14 @@ def test_without_slot_save_path_templates_warm_but_are_not_saved(app, llama, cli
 
 def test_an_edited_template_is_warmed_again_and_its_old_file_deleted(app, llama, folder):
     warmer(app).check()
-    old_file = warmer(app).registry.entries["@code"]["file"]
+    old_file = backend(app).caches.registry.entries["@code"]["file"]
     (folder / "slots" / old_file).write_bytes(b"kv")
     (folder / "code.txt").write_text("New instructions.\n<{message}>")
 
     warmer(app).check()
 
     assert llama.evaluated[-1][1] == SYSTEM + "New instructions.\n"
-    new_file = warmer(app).registry.entries["@code"]["file"]
+    new_file = backend(app).caches.registry.entries["@code"]["file"]
     assert new_file != old_file
     assert not (folder / "slots" / old_file).exists()
 
@@ -231,7 +236,7 @@ def test_each_restore_of_the_warmer_is_proven_by_one_completion_of_the_head(
     assert {slot for slot, _ in llama.checks} == restores
     # The slots now show a task of bioproxy's own.
     assert all(llama.tasks[slot] >= 0 for slot in restores)
-    assert {e.state for e in warmer(again).entries.values()} == {"warm"}
+    assert {w.state for w in backend(again).warmth.values()} == {"warm"}
 
 
 def test_a_restart_after_bioproxy_only_restored_into_the_slots_is_noticed(
@@ -269,7 +274,7 @@ def test_a_restore_that_did_not_hold_is_evaluated_and_saved_again(
     assert "yet llama-server evaluated" in caplog.text
     assert [a for a, _, _ in llama.actions][-2:] == ["restore", "save"]
     assert llama.checks == []
-    entry = warmer(again).entries["@code"]
+    entry = backend(again).warmth["@code"]
     assert entry.state == "warm" and entry.last_warmup["outcome"] == "ok"
 
 
@@ -279,7 +284,7 @@ def test_a_user_s_restore_that_the_answer_shows_did_not_hold_is_not_used_again(
     warmer(app).check()
     slot = llama.evaluated[0][0]
     llama.run_other_task(slot)
-    name = warmer(app).registry.entries["@code"]["file"]
+    name = backend(app).caches.registry.entries["@code"]["file"]
     # As many tokens as were saved, but not the template's: restored without a word.
     llama.files[name] = " ".join("x" * len(llama.files[name].split()))
 
@@ -288,11 +293,11 @@ def test_a_user_s_restore_that_the_answer_shows_did_not_hold_is_not_used_again(
     assert answer.headers["X-Bioproxy-Cache"] == "restored"
     assert answer.get_json()["timings"]["cache_n"] == 0
     assert "reused only 0 of its" in caplog.text
-    assert "@code" not in warmer(app).registry.entries
+    assert "@code" not in backend(app).caches.registry.entries
     warmer(app).check()  # saved again, from the slot the request left it in
-    assert warmer(app).registry.entries["@code"]["file"] == name
+    assert backend(app).caches.registry.entries["@code"]["file"] == name
     assert llama.files[name] == llama.contents[slot]
-    assert warmer(app).entries["@code"].state == "warm"
+    assert backend(app).warmth["@code"].state == "warm"
 
 
 def test_admin_can_ask_for_a_warmup(app, llama, admin):
@@ -316,21 +321,21 @@ def test_the_watcher_never_waits_for_a_warmup_that_waits_for_the_watcher(app, ll
     for _ in range(3):
         gevent.with_timeout(5, warmer(app).check, wait=False)
         gevent.sleep(0.01)
-    assert warmer(app).scheduler.foreign == {0, 1}
-    assert {e.state for e in warmer(app).entries.values()} == {"stale"}  # due, none warm
+    assert backend(app).scheduler.foreign == {0, 1}
+    assert {w.state for w in backend(app).warmth.values()} == {"stale"}  # due, none warm
 
     llama.busy = set()  # the old worker's streams ended
     for _ in range(10):
         gevent.with_timeout(5, warmer(app).check, wait=False)
         gevent.sleep(0.05)
-    assert {e.state for e in warmer(app).entries.values()} == {"warm"}
+    assert {w.state for w in backend(app).warmth.values()} == {"warm"}
 
 
 def test_only_requests_that_need_a_slot_hold_warmups_off(app, llama, client):
     # Issue 16.9: any POST did; one every 2 s (a 404 path) kept every warmup cancelled.
     calls = []
-    started = warmer(app).user_started
-    warmer(app).user_started = lambda: (calls.append(1), started())
+    started = backend(app).gate.user_started
+    backend(app).gate.user_started = lambda: (calls.append(1), started())
     responses.post(f"{BACKEND}/nope", status=404, json={"error": {"message": "not found"}})
     responses.post(f"{BACKEND}/tokenize", json={"tokens": [1]})
 
@@ -355,7 +360,7 @@ def test_a_prefix_with_a_slash_can_be_warmed_from_the_admin_port(make_app, folde
     assert answer.get_json()["prefix"] == "@a/b"
     assert len(llama.evaluated) == 3
     # Two saved files, one for each: "@ab" is not "@a/b" with its "/" dropped.
-    assert len({e["file"] for e in warmer(app).registry.entries.values()}) == 2
+    assert len({e["file"] for e in backend(app).caches.registry.entries.values()}) == 2
 
 
 def test_one_slot_serves_every_template(make_app, folder, llama, client):
@@ -459,7 +464,7 @@ def test_a_slot_another_request_runs_in_is_not_counted_as_holding(app, llama, cl
     llama.busy.add(slot)  # llama.cpp put another request there meanwhile
 
     assert ask(client, "@code Why?").headers["X-Bioproxy-Cache"] == "restored"
-    assert warmer(app).slots.held.get(llama.chats[-1]["id_slot"]) is None
+    assert backend(app).slots.table.held.get(llama.chats[-1]["id_slot"]) is None
 
 
 def test_a_save_of_something_else_than_the_template_is_not_recorded(app, llama, admin):
@@ -467,14 +472,14 @@ def test_a_save_of_something_else_than_the_template_is_not_recorded(app, llama, 
 
     warmer(app).check()
 
-    assert warmer(app).registry.entries == {}
+    assert backend(app).caches.registry.entries == {}
     assert sample(admin, "bioproxy_slot_saves_total", template="@code", outcome="failed") == 1
 
 
 def test_a_request_that_finds_no_free_slot_in_time_gets_a_503(make_app, folder, llama):
     app = make_app(prefixes={"@code": "code.txt"}, queue_timeout=0.2)
     warmer(app).check()
-    scheduler = warmer(app).scheduler
+    scheduler = backend(app).scheduler
     held = [Ticket() for _ in range(2)]
     for ticket in held:  # as streams whose clients stopped reading
         scheduler.acquire(ticket)
@@ -494,7 +499,7 @@ def test_a_request_queued_while_its_template_breaks_is_answered_with_the_text_it
 ):
     # Issue 16.7: it used to get a 500 internal_error ('NoneType' has no attribute 'render').
     warmer(app).check()
-    scheduler = warmer(app).scheduler
+    scheduler = backend(app).scheduler
     held = [Ticket() for _ in range(2)]
     for ticket in held:
         scheduler.acquire(ticket)
@@ -504,7 +509,7 @@ def test_a_request_queued_while_its_template_breaks_is_answered_with_the_text_it
 
     (folder / "code.txt").unlink()
     warmer(app).reload()
-    assert warmer(app).entries["@code"].state == "broken"
+    assert backend(app).describe("@code")["state"] == "broken"
     scheduler.release(held[0])
     answer = waiting.get(timeout=10)
 
@@ -532,33 +537,33 @@ def test_plain_requests_are_pinned_to_a_slot_without_the_template(app, llama, cl
 
 def test_a_user_request_cancels_an_evaluation_which_resumes_when_idle(app, folder, llama, admin):
     (folder / "code.txt").write_text("".join(f"rule {i}\n" for i in range(60)) + "<{message}>")
-    warmer(app).piece_chars = 100
+    warmer(app).warmups.piece_chars = 100
     pieces = []  # @code's
 
     def a_user_arrives_during_the_second_piece(body):
         if "rule" in body["prompt"]:
             pieces.append(body["prompt"])
         if len(pieces) == 2 and body["prompt"] == pieces[-1]:
-            warmer(app).user_started()
+            backend(app).gate.user_started()
 
     llama.on_completion = a_user_arrives_during_the_second_piece
     checking = gevent.spawn(warmer(app).check)
     gevent.sleep(0.05)  # @review's evaluation now waits for the user to finish
 
     assert len(pieces) == 2  # no piece after the one under way
-    assert warmer(app).entries["@code"].state == "stale"
-    assert warmer(app).entries["@review"].state == "stale"
+    assert backend(app).warmth["@code"].state == "stale"
+    assert backend(app).warmth["@review"].state == "stale"
     assert sample(admin, "bioproxy_warmup_cancellations_total", template="@code") == 1
-    warmer(app).user_finished()
+    backend(app).gate.user_finished()
     checking.join(timeout=5)
-    assert warmer(app).entries["@review"].state == "warm"
+    assert backend(app).warmth["@review"].state == "warm"
     warmer(app).check()
-    assert warmer(app).entries["@code"].state == "warm"
+    assert backend(app).warmth["@code"].state == "warm"
     assert len(pieces) > 4 and pieces[-1].startswith(pieces[1])
 
 
 def test_long_templates_are_evaluated_in_growing_pieces_cut_at_line_ends():
-    from bioproxy.warmup import _cuts
+    from bioproxy.evaluation import cuts_of as _cuts
 
     text = "".join(f"line {i:03d} of the template\n" for i in range(100))  # 2,600 chars
 
@@ -574,7 +579,7 @@ def test_long_templates_are_evaluated_in_growing_pieces_cut_at_line_ends():
 
 def test_only_work_for_the_model_holds_warmups_off(app, llama, client):
     responses.get(f"{BACKEND}/health", json={"status": "ok"})
-    idle = warmer(app).idle
+    idle = backend(app).gate.idle
 
     probe = client.get("/health")  # not closed yet: still in flight
     assert idle.is_set()
@@ -595,11 +600,11 @@ def test_status_shows_slots_with_their_templates_the_queue_and_pending_warmups(a
         ("@code", "ok"),
         ("@review", "ok"),
     ]
-    scheduler = warmer(app).scheduler
+    scheduler = backend(app).scheduler
     running = scheduler.submit(Ticket(USER, "@code"))
     scheduler.submit(Ticket(USER))  # a plain request, in @review's slot
     waiting = scheduler.submit(Ticket(USER))
-    (Path(warmer(app).base_dir) / "review.txt").write_text("Changed.\n<{message}>")
+    (Path(catalog(app).base_dir) / "review.txt").write_text("Changed.\n<{message}>")
     warmer(app).reload()
 
     status = admin.get("/status").json
@@ -626,25 +631,25 @@ def test_warmups_run_one_at_a_time_unless_configured(make_app, folder, llama, co
     seen = []
 
     def yield_to_other_greenlets(body):
-        seen.append(len(warmer(app).evaluations))
+        seen.append(len(backend(app).gate.runs))
         gevent.sleep(0.01)
 
     llama.on_completion = yield_to_other_greenlets
     warmer(app).check()
 
     assert max(seen) == concurrency
-    assert {e.state for e in warmer(app).entries.values()} == {"warm"}
+    assert {w.state for w in backend(app).warmth.values()} == {"warm"}
 
 
 def test_warmups_can_be_allowed_while_users_are_in_flight(make_app, folder, llama):
     app = make_app(prefixes={"@code": "code.txt"}, warmup_only_when_idle=False)
-    warmer(app).user_started()
-    llama.on_completion = lambda body: warmer(app).user_started()  # more users arrive
+    backend(app).gate.user_started()
+    llama.on_completion = lambda body: backend(app).gate.user_started()  # more users arrive
 
     warmer(app).check()
 
-    assert warmer(app).entries["@code"].state == "warm"
-    assert warmer(app).evaluations == set()
+    assert backend(app).warmth["@code"].state == "warm"
+    assert backend(app).gate.runs == set()
 
 
 def test_templates_count_their_requests_by_cache_state(app, llama, client, admin):
@@ -666,12 +671,12 @@ def test_a_templated_message_with_a_lone_surrogate_is_a_400_and_never_sent(app, 
     assert answer.status_code == 400
     assert answer.json["error"]["code"] == "bad_request"
     assert llama.chats == []
-    assert warmer(app).scheduler.busy == {}  # its slot was given back
+    assert backend(app).scheduler.busy == {}  # its slot was given back
 
 
 def test_failed_evaluations_are_retried_after_a_growing_pause(make_app, folder, llama):
     app = make_app(prefixes={"@code": "code.txt"}, warmup_check_interval=10)
-    entry = warmer(app).entries["@code"]
+    entry = backend(app).warmth["@code"]
     calls = []
 
     def refuse(body):

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from bioproxy import templates
-from bioproxy.warmup import SENTINEL
+from bioproxy.prompts import SENTINEL
 from tests.faultproxy import FaultProxy
 from tests.servers import Bioproxy, wait_until
 

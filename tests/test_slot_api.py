@@ -1,12 +1,16 @@
-"""The slot API's own timeout, against a real (tiny) server whose restore hangs."""
+"""The slot API's client: its timeout, against a real (tiny) server whose restore hangs,
+and the named errors it maps llama-server's answers to."""
 
 import threading
 import time
 
 import pytest
+import responses
 
-from bioproxy.slots import Slots
+from bioproxy.slot_api import SlotApi, SlotBusy, SlotFileRejected, SlotsUnsupported
+from bioproxy.slot_table import model_identity
 from bioproxy.upstream import BackendError, Upstream
+from tests.conftest import BACKEND
 from tests.servers import JSONHandler, serve_http
 
 
@@ -36,19 +40,17 @@ def busy_server():
 
 
 def test_a_restore_on_a_busy_slot_gives_up_after_slot_timeout(busy_server):
-    slots = Slots(Upstream(busy_server, 1, 600, 1), timeout=0.5)
-    slots.refresh()
+    api = SlotApi(Upstream(busy_server, 1, 600, 1), timeout=0.5)
+    api.fetch_slots()
 
     start = time.monotonic()
-    with pytest.raises(BackendError, match="timed out"):
-        slots.restore(0, "bioproxy-code-x.bin")
+    with pytest.raises(SlotBusy, match="timed out"):
+        api.restore(0, "bioproxy-code-x.bin")
 
     assert 0.5 <= time.monotonic() - start < 3
 
 
 def test_the_model_identity_covers_what_makes_a_saved_cache_incompatible():
-    from bioproxy.slots import model_identity
-
     props = {
         "model_path": "/m.gguf",
         "model_ftype": "Q4_1",
@@ -69,3 +71,20 @@ def test_the_model_identity_covers_what_makes_a_saved_cache_incompatible():
     ):
         assert model_identity({**props, **changed}, slots) != same, changed
     assert model_identity(props, [{"id": 0, "n_ctx": 8192}]) != same
+
+
+@pytest.mark.parametrize(
+    ("status", "named"),
+    [(501, SlotsUnsupported), (400, SlotFileRejected), (500, BackendError), (503, BackendError)],
+)
+@responses.activate
+def test_slot_api_answers_are_mapped_to_named_errors_once(status, named):
+    message = {"error": {"message": "no"}}
+    responses.post(f"{BACKEND}/slots/0?action=restore", json=message, status=status)
+    api = SlotApi(Upstream(BACKEND, 1, 600, 1), timeout=1)
+
+    with pytest.raises(BackendError) as raised:
+        api.restore(0, "bioproxy-code-x.bin")
+
+    assert type(raised.value) is named
+    assert raised.value.status == status

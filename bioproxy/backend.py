@@ -1,0 +1,130 @@
+"""One llama-server as one unit: its slots, their queue, its saved caches, its warmer.
+
+The app factory builds one (build()); the views reach it through get_backend().
+"""
+
+import logging
+import time
+
+from flask import current_app
+
+from .caches import SavedCaches
+from .gate import Gate
+from .prompts import Prompts
+from .registry import Registry
+from .scheduler import Scheduler
+from .slot_api import SlotApi
+from .slot_table import SlotTable
+from .upstream import BackendError, Upstream
+from .warmer import Warmer
+from .warmth import Warmth
+
+log = logging.getLogger(__name__)
+
+
+def get_backend():
+    """The llama-server the current request goes to."""
+    return current_app.extensions["bioproxy"].backend
+
+
+class Slots:
+    """The slot table, kept up to date through the slot API: each method asks llama-server."""
+
+    def __init__(self, table, api):
+        self.table = table
+        self.api = api
+
+    def refresh(self):
+        """Read /props and /slots; True when llama-server restarted or changed its model."""
+        try:
+            props, slots = self.api.fetch_slots()
+        except BackendError:
+            self.table.unreachable()
+            raise
+        return self.table.update(props, slots, time.time())
+
+    def holds(self, slot, prefix, digest):
+        """Whether the slot still holds this template version."""
+        if self.table.holding(slot) != prefix:
+            return False  # no need to ask
+        return self.table.holds(slot, prefix, digest, self.api.fetch_state(slot))
+
+    def mark(self, slot, prefix, digest, ran=False):
+        """Record that the slot holds this template version now (see SlotTable.mark)."""
+        self.table.mark(slot, prefix, digest, self.api.fetch_state(slot), ran)
+
+    def forget(self, slot):
+        self.table.forget(slot)
+
+
+class Backend:
+    """One llama-server and what bioproxy keeps of it. Built without I/O: see build()."""
+
+    def __init__(self, settings, paths, catalog, metrics):
+        self.upstream = Upstream(
+            settings.backend_url,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.upstream_timeout,
+            health_timeout=settings.health_timeout,
+            api_key=settings.backend_api_key,
+        )
+        self.metrics = metrics
+        self.catalog = catalog
+        self.slots = Slots(SlotTable(), SlotApi(self.upstream, settings.slot_timeout))
+        self.scheduler = Scheduler(
+            self.slots.table, settings.queue_max_length, settings.queue_timeout, metrics
+        )
+        self.warmth = {entry.prefix: Warmth(entry.prefix) for entry in catalog}
+        self.prompts = Prompts(self.upstream, settings.upstream_timeout)
+        self.warmer = Warmer(
+            self,
+            catalog,
+            settings.warmup_check_interval,
+            settings.warmup_concurrency,
+            settings.warmup_piece_chars,
+        )
+        # A slot given back before its answer ended: the watcher looks at it soon.
+        self.scheduler.on_drain = self.warmer.poke_soon
+        self.gate = Gate(settings.warmup_only_when_idle, on_idle=self.warmer.resume_when_idle)
+        registry = Registry(paths.state_dir, paths.slot_save_path)
+        self.caches = SavedCaches(registry, self.slots, self.prompts, metrics, self.discarded)
+
+    def open(self):
+        """Read what was saved; forget the files of templates no longer configured."""
+        registry = self.caches.registry
+        registry.load()
+        for prefix in list(registry.entries):
+            if prefix not in self.catalog:
+                registry.forget(prefix)
+
+    def close(self):
+        self.warmer.stop()
+        self.upstream.close()
+
+    def discarded(self, prefix):
+        """A saved file turned out unusable: warm the template again now."""
+        self.warmth[prefix].mark_stale()
+        self.warmer.wake.set()
+
+    def describe(self, prefix):
+        """One template on this llama-server, for /templates."""
+        entry, warmth = self.catalog[prefix], self.warmth[prefix]
+        saved = self.caches.find(prefix, entry.template) if entry.template else None
+        return {
+            "prefix": prefix,
+            "file": entry.path,
+            "state": "broken" if entry.template is None and entry.read else warmth.state.value,
+            "error": entry.error,
+            "tokens": warmth.tokens,
+            "digest": entry.digest,
+            "saved_file": saved["file"] if saved else None,
+            "last_warmup": warmth.last_warmup,
+            "requests": dict(warmth.requests),
+        }
+
+    def seen(self):
+        """Whether bioproxy's last look at llama-server reached it, and when one last did.
+
+        While it is unreachable, templates' and slots' states are as of that time.
+        """
+        return {"reachable": self.slots.table.reachable, "last_seen": self.slots.table.seen_at}

@@ -1,0 +1,46 @@
+"""The prompts bioproxy itself has llama-server evaluate: a template's head, in a slot."""
+
+import json
+
+from .upstream import BackendError
+
+# Stands in for the user's message when asking llama-server how it renders a template.
+SENTINEL = "\u2063bioproxy-message\u2063"
+
+
+class Prompts:
+    """Rendering a template's head as llama-server renders chat, and completing it."""
+
+    def __init__(self, upstream, timeout):
+        self.upstream = upstream
+        self.timeout = timeout
+
+    def fetch_head(self, template):
+        """The prompt text before the user's message, exactly as llama-server renders it."""
+        messages = [{"role": "user", "content": template.render(SENTINEL)}]
+        prompt = self.upstream.call("POST", "/apply-template", {"messages": messages})["prompt"]
+        cut = prompt.find(SENTINEL)
+        if cut < 0:
+            raise BackendError("POST /apply-template", "the chat template dropped the message")
+        return prompt[:cut]
+
+    def complete(self, slot, text):
+        """Evaluate text into the slot, reusing what it holds; llama-server's answer."""
+        return self.upstream.call("POST", "/completion", _body(slot, text), self.timeout)
+
+    def open_completion(self, slot, text):
+        """complete(), streamed: shutting its connection down stops llama-server at once."""
+        body = {**_body(slot, text), "stream": True}
+        return self.upstream.open("POST", "/completion", body, self.timeout)
+
+
+def _body(slot, text):
+    return {"prompt": text, "n_predict": 0, "id_slot": slot, "cache_prompt": True}
+
+
+def final_event(body):
+    """The last `data:` event of a server-sent event stream, decoded."""
+    events = [line[6:] for line in body.splitlines() if line.startswith(b"data: {")]
+    if not events:
+        raise BackendError("POST /completion", "the stream held no event")
+    return json.loads(events[-1])

