@@ -56,25 +56,11 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Refuse a configuration that would run bioproxy half-working."""
-    problems = []
-    if server.cfg.workers != 1:
-        problems.append(f"workers = {server.cfg.workers}")
-    if server.cfg.worker_class_str not in ("gevent", worker_class):
-        problems.append(f"worker_class = {server.cfg.worker_class_str!r}")
-    if problems:
-        sys.exit(
-            f"bioproxy: runs with exactly one gevent worker (its slot model and queue live in "
-            f"that one process), got {' and '.join(problems)}: remove -w / -k from the command"
-        )
+    _worker.check_setup(server)  # exactly one worker, of bioproxy's class
 
 
 def when_ready(server):
-    """Listening: the `bioproxy` command prints its banner now."""
-    if os.environ.get("BIOPROXY_BANNER"):
-        from bioproxy.banner import banner
-
-        print(banner(_settings, chat_page=bool(os.environ.get("BIOPROXY_CHAT_PAGE"))), flush=True)
+    _worker.print_banner(_settings)  # listening: the `bioproxy` command's banner
 
 
 def post_worker_init(worker):

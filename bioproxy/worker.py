@@ -13,7 +13,9 @@ requests or the app, which must come after the worker's monkey-patching.
 
 import json
 import logging
+import os
 import socket
+import sys
 
 import gevent
 from gunicorn import util
@@ -102,3 +104,25 @@ def stop(worker):
     app = getattr(worker, "wsgi", None)
     if app is not None:
         app.extensions["bioproxy"].backend.close()
+
+
+def check_setup(server):
+    """In gunicorn's master: refuse a configuration that would run bioproxy half-working."""
+    problems = []
+    if server.cfg.workers != 1:
+        problems.append(f"workers = {server.cfg.workers}")
+    if server.cfg.worker_class_str not in ("gevent", f"{__name__}.Worker"):
+        problems.append(f"worker_class = {server.cfg.worker_class_str!r}")
+    if problems:
+        sys.exit(
+            f"bioproxy: runs with exactly one gevent worker (its slot model and queue live in "
+            f"that one process), got {' and '.join(problems)}: remove -w / -k from the command"
+        )
+
+
+def print_banner(settings):
+    """Once gunicorn listens: the banner, when the `bioproxy` command asked for it."""
+    if os.environ.get("BIOPROXY_BANNER"):
+        from .banner import banner
+
+        print(banner(settings, chat_page=bool(os.environ.get("BIOPROXY_CHAT_PAGE"))), flush=True)
