@@ -22,7 +22,8 @@ class Lease:
         self.ticket = ticket  # granted, or None: llama-server places the request itself
         self.entry = entry  # the catalog entry of a templated request
         self.template = template  # the version it was expanded with
-        self.cache = cache  # "slot", "restored" or "cold"
+        self.cache = cache  # expected: "slot", "restored" or "cold" (X-Bioproxy-Cache)
+        self.outcome = cache  # as measured by the answer's timings, once it has ended
         self.ended = False
 
     @property
@@ -36,22 +37,43 @@ class Lease:
         self.ended = True
         complete = body is not None and body.complete
         try:
-            if self.template is not None and body is not None:
-                self._account(body.timings() or {})
+            if self.template is not None:
+                self._account(body.timings() or {} if body is not None else {})
         finally:
             if self.ticket is not None:
                 self._release(complete and body.status == 200, drain=not complete)
 
     def _account(self, timings):
-        """The tokens llama-server reused and evaluated; a restore the answer disproves."""
-        reused, evaluated = timings.get("cache_n"), timings.get("prompt_n")
-        if not all(_count(n) for n in (reused, evaluated)):
-            return
+        """The request counted by what its answer shows: the tokens llama-server reused and
+        evaluated, and whether that found the template warm as expected."""
         prefix, metrics = self.entry.prefix, self.backend.metrics
-        metrics.tokens_reused.labels(prefix).inc(reused)
-        metrics.tokens_evaluated.labels(prefix).inc(evaluated)
-        tokens = self.backend.warmth[prefix].tokens
-        if self.cache == "restored" and not _found_warm(reused, tokens):
+        warmth = self.backend.warmth[prefix]
+        reused, evaluated = timings.get("cache_n"), timings.get("prompt_n")
+        if all(_count(n) for n in (reused, evaluated)):
+            metrics.tokens_reused.labels(prefix).inc(reused)
+            metrics.tokens_evaluated.labels(prefix).inc(evaluated)
+            if self.cache != "cold" and not _found_warm(reused, warmth.tokens):
+                self._missed(warmth, reused)
+        metrics.template_requests.labels(prefix, self.outcome).inc()
+        warmth.count_request(self.outcome)
+
+    def _missed(self, warmth, reused):
+        """Expected warm, measured cold: counted as a miss, logged once per kind."""
+        prefix = self.entry.prefix
+        self.outcome = "cold"
+        self.backend.metrics.template_misses.labels(prefix, self.cache).inc()
+        if self.cache not in warmth.missed:
+            warmth.missed.add(self.cache)
+            log.warning(
+                "template %s: expected warm (%s) in slot %s, but llama-server reused only %d "
+                "of its %s tokens (logged once)",
+                prefix,
+                self.cache,
+                self.slot,
+                reused,
+                warmth.tokens,
+            )
+        if self.cache == "restored":
             self.backend.caches.restore_did_not_hold(self.entry, self.template, reused)
 
     def _release(self, succeeded, drain):

@@ -104,9 +104,17 @@ class Metrics:
         per_template = {"registry": self.registry}
         self.template_requests = Counter(
             f"{PREFIX}_template_requests_total",
-            "Templated requests, by template and cache state: slot (already held), "
-            "restored (loaded from its saved file), cold (evaluated in full).",
+            "Templated requests, by template and cache state as measured by llama.cpp's "
+            "timings: slot (already held), restored (loaded from its saved file), cold "
+            "(the template evaluated).",
             ["template", "cache"],
+            **per_template,
+        )
+        self.template_misses = Counter(
+            f"{PREFIX}_template_cache_misses_total",
+            "Templated requests bioproxy expected warm (slot or restored, as their "
+            "X-Bioproxy-Cache header said) whose answer shows the template evaluated.",
+            ["template", "expected"],
             **per_template,
         )
         self.warmups = Counter(

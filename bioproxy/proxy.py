@@ -55,7 +55,7 @@ class PassthroughResponse(Response):
 @bp.before_request
 def start_tracking():
     g.started = time.monotonic()
-    g.user, g.template, g.cache = False, None, None  # forward() sets them
+    g.user, g.lease = False, None  # forward() sets them
     state = get_state()
     state.metrics.in_flight.inc()
     if state.settings.api_key:
@@ -67,8 +67,8 @@ def track_until_closed(response):
     """Count the request in flight and log it once its response is closed (stream sent)."""
     metrics, gate = get_state().metrics, get_backend().gate
     line = (request.remote_addr, request.method, endpoints.request_target(request.environ))
-    status, started, user = response.status_code, g.started, g.user
-    template, cache = g.template or "", g.cache or "-"
+    status, started, user, lease = response.status_code, g.started, g.user, g.lease
+    template = lease.entry.prefix if lease is not None and lease.entry is not None else ""
     if response.mimetype == "text/event-stream" and status == 200:
         response.response = first_content_timed(response.response, started, metrics, template)
 
@@ -77,6 +77,8 @@ def track_until_closed(response):
         if user:
             gate.user_finished()
         duration_ms = (time.monotonic() - started) * 1000
+        # The cache as measured: the lease ended (its answer's body closed) before this.
+        cache = lease.outcome if template else "-"
         access_log.info(
             "%s %s %s %d %.1fms template=%s cache=%s",
             *line,
@@ -150,7 +152,7 @@ def forward(path):
     lease = answer.lease
     if lease.entry is not None:
         prefix = lease.entry.prefix
-        g.template, g.cache = prefix, lease.cache  # for the access log and the metrics
+        g.lease = lease  # for the access log and the time to first token
         # Header values are latin-1: a prefix beyond ASCII goes percent-encoded.
         response.headers["X-Bioproxy-Template"] = quote(prefix, safe=string.punctuation)
         response.headers["X-Bioproxy-Cache"] = lease.cache

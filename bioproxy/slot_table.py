@@ -8,7 +8,9 @@ llama-server numbers its tasks, and GET /slots shows each slot's last one. The s
 
 import hashlib
 
-UNKNOWN = (None, None)  # the state of a slot llama-server could not be asked about
+# A slot's state as GET /slots shows it: (last task id or -1, whether it is processing,
+# tokens it holds or None when not shown). UNKNOWN: llama-server could not be asked.
+UNKNOWN = (None, None, None)
 
 
 class SlotTable:
@@ -17,7 +19,9 @@ class SlotTable:
     def __init__(self):
         self.count = 0
         self.model = None  # identity of the loaded model, see model_identity()
-        self.held = {}  # slot id -> (prefix, digest, id_task seen after bioproxy's use)
+        # slot id -> (prefix, digest, id_task and tokens seen after bioproxy's use)
+        self.held = {}
+        self.cleared = False  # whether llama-server was seen clearing an idle slot
         self.tasks = {}  # slot id -> last id_task seen, to notice a restart
         self.processing = set()  # slots GET /slots showed processing at the last read
         self.seen_at = None  # wall-clock time of the last read that reached llama-server
@@ -28,7 +32,7 @@ class SlotTable:
         self.reachable, self.seen_at = True, now
         identity = model_identity(props, slots)
         states = slot_states(slots)
-        tasks = {i: task for i, (task, _) in states.items()}
+        tasks = {i: task for i, (task, _, _) in states.items()}
         # Task ids only grow while a server lives; a smaller one means a new server.
         restarted = self.model is not None and (
             identity != self.model or any(tasks.get(i, -1) < seen for i, seen in self.tasks.items())
@@ -36,7 +40,7 @@ class SlotTable:
         if restarted or self.model is None:
             self.held.clear()
         self.model, self.tasks = identity, tasks
-        self.processing = {i for i, (_, busy) in states.items() if busy}
+        self.processing = {i for i, (_, busy, _) in states.items() if busy}
         self.count = int(props.get("total_slots") or len(slots))
         return restarted
 
@@ -49,13 +53,23 @@ class SlotTable:
         return held[0] if held else None
 
     def holds(self, slot, prefix, digest, state):
-        """Whether the slot still holds this template version, given its state now."""
+        """Whether the slot still holds this template version, given its state now.
+
+        Not if another task ran or runs there (or llama-server restarted), nor if it holds
+        fewer tokens than when bioproxy last used it: with a unified KV cache (llama.cpp's
+        default when -np is not given) llama-server clears idle slots whenever a task
+        starts, keeping their task id (it copies them to its RAM cache first).
+        """
         held = self.held.get(slot)
         if not held or held[:2] != (prefix, digest):
             return False
-        if state != (held[2], False):
-            # Another task ran or runs there, or llama-server restarted.
+        task, busy, tokens = state
+        if (task, busy) != (held[2], False):
             self.held.pop(slot, None)
+            return False
+        if tokens is not None and held[3] is not None and tokens < held[3]:
+            self.held.pop(slot, None)
+            self.cleared = True
             return False
         return True
 
@@ -66,13 +80,13 @@ class SlotTable:
         slot that shows none belongs to a llama-server that restarted since: it is empty.
         (A restore is not a task: a slot only restored may show none.)
         """
-        task, busy = state
+        task, busy, tokens = state
         if task is None or busy or (ran and task < 0):
             # Unknown, another request already runs there (it will replace the template),
             # or a new server's empty slot.
             self.held.pop(slot, None)
             return
-        self.held[slot] = (prefix, digest, task)
+        self.held[slot] = (prefix, digest, task, tokens)
         self.tasks[slot] = max(self.tasks.get(slot, -1), task)
 
     def forget(self, slot):
@@ -80,13 +94,17 @@ class SlotTable:
 
 
 def slot_states(slots):
-    """{slot id: (last task id or -1, is processing)} from GET /slots."""
+    """{slot id: (last task id or -1, is processing, tokens held or None)} from GET /slots.
+
+    The tokens (n_prompt_tokens) are shown only for a slot that has run a task.
+    """
     states = {}
     for slot in slots:
-        task = slot.get("id_task")
+        task, tokens = slot.get("id_task"), slot.get("n_prompt_tokens")
         states[slot["id"]] = (
             task if isinstance(task, int) else -1,
             bool(slot.get("is_processing")),
+            tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
         )
     return states
 

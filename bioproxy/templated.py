@@ -86,8 +86,6 @@ def _lease(backend, ticket, match, expansion):
             cache = backend.caches.restore_for_request(
                 entry, backend.warmth[entry.prefix], ticket.slot
             )
-    backend.metrics.template_requests.labels(entry.prefix, cache).inc()
-    backend.warmth[entry.prefix].count_request(cache)
     return Lease(backend, ticket, entry, template, cache)
 
 

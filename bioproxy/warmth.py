@@ -35,6 +35,7 @@ class Warmth:
         self.failures = 0  # failed warmups in a row
         self.retry_at = 0.0  # no new try before this time.monotonic()
         self.requests = {"slot": 0, "restored": 0, "cold": 0}  # templated requests by cache
+        self.missed = set()  # the expectations found wrong (slot, restored), logged once
 
     def due(self, now):
         """Whether a warmup should start now."""

@@ -31,6 +31,8 @@ class FakeLlama:
         self.extra_saved = 0  # tokens a save reports beyond what the slot holds
         self.on_completion = None  # called with each /completion body before it is answered
         self.on_action = None  # called with (action, slot, filename) before it is answered
+        self.clears_idle_slots = False
+        self.shows_tokens = True  # n_prompt_tokens in GET /slots
 
     def install(self):
         responses.add_callback("GET", f"{BACKEND}/props", self.props)
@@ -54,6 +56,12 @@ class FakeLlama:
         self._task(slot, text)
 
     def _task(self, slot, text):
+        if self.clears_idle_slots:
+            # As llama-server with a unified KV cache and --cache-idle-slots (its defaults
+            # without -np): a task that starts clears every other idle slot.
+            for other in self.contents:
+                if other != slot and other not in self.busy:
+                    self.contents[other] = ""
         self.restored.discard(slot)
         self.tasks[slot] = self.next_task
         self.next_task += 1
@@ -69,13 +77,15 @@ class FakeLlama:
         )
 
     def slots(self, request):
-        return self._json(
-            200,
-            [
-                {"id": i, "n_ctx": 4096, "id_task": t, "is_processing": i in self.busy}
-                for i, t in self.tasks.items()
-            ],
-        )
+        return self._json(200, [self._slot(i, task) for i, task in self.tasks.items()])
+
+    def _slot(self, i, task):
+        slot = {"id": i, "n_ctx": 4096, "is_processing": i in self.busy}
+        if task >= 0:  # as llama-server: these only for a slot that has run a task
+            slot["id_task"] = task
+            if self.shows_tokens:
+                slot["n_prompt_tokens"] = len(self.contents[i].split())
+        return slot
 
     def apply_template(self, request):
         content = json.loads(request.body)["messages"][-1]["content"]

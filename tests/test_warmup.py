@@ -300,6 +300,54 @@ def test_a_user_s_restore_that_the_answer_shows_did_not_hold_is_not_used_again(
     assert backend(app).warmth["@code"].state == "warm"
 
 
+def test_a_slot_llama_server_cleared_while_idle_is_not_taken_for_warm(app, llama, client, admin):
+    # Issue 11: with a unified KV cache (llama.cpp's default when -np is not given),
+    # llama-server clears every idle slot when a task starts, keeping its task id; only
+    # GET /slots's token count shows it. Such a slot was sent requests as "slot", cold.
+    llama.clears_idle_slots = True
+    warmer(app).check()  # @review's evaluation cleared @code's slot
+    code_slot = next(
+        slot for slot, held in backend(app).slots.table.held.items() if held[0] == "@code"
+    )
+    assert llama.contents[code_slot] == ""
+
+    answer = ask(client, "@code Why?")
+
+    assert answer.headers["X-Bioproxy-Cache"] == "restored"
+    assert answer.get_json()["timings"]["cache_n"] > 0
+    assert (
+        sample(admin, "bioproxy_template_requests_total", template="@code", cache="restored") == 1
+    )
+    assert backend(app).slots.table.cleared
+
+
+def test_a_request_expected_warm_that_came_back_cold_is_counted_as_a_miss(
+    app, llama, client, admin, caplog
+):
+    llama.shows_tokens = False  # as a llama-server that does not say what a slot holds
+    warmer(app).check()
+    slot = next(slot for slot, held in backend(app).slots.table.held.items() if held[0] == "@code")
+    caplog.set_level("INFO", logger="bioproxy")
+    answers = []
+    for _ in range(2):
+        llama.contents[slot] = ""  # emptied without a task
+        answers.append(ask(client, "@code Why?"))
+
+    # The header was an honest expectation; what the answer showed is what is counted.
+    assert [a.headers["X-Bioproxy-Cache"] for a in answers] == ["slot", "slot"]
+    assert all(a.get_json()["timings"]["cache_n"] == 0 for a in answers)
+    assert sample(admin, "bioproxy_template_requests_total", template="@code", cache="cold") == 2
+    assert sample(admin, "bioproxy_template_requests_total", template="@code", cache="slot") == 0
+    assert (
+        sample(admin, "bioproxy_template_cache_misses_total", template="@code", expected="slot")
+        == 2
+    )
+    assert caplog.text.count("expected warm (slot)") == 1  # logged once
+    access = [r.getMessage() for r in caplog.records if r.name == "bioproxy.access"]
+    assert all("template=@code cache=cold" in line for line in access), access
+    assert backend(app).warmth["@code"].requests == {"slot": 0, "restored": 0, "cold": 2}
+
+
 def test_admin_can_ask_for_a_warmup(app, llama, admin):
     warmer(app).check()
 
