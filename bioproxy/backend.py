@@ -14,7 +14,7 @@ from .prompts import Prompts
 from .registry import Registry
 from .scheduler import Scheduler
 from .slot_api import SlotApi
-from .slot_table import SlotTable
+from .slot_table import UNKNOWN, SlotTable
 from .upstream import BackendError, Upstream
 from .warmer import Warmer
 from .warmth import Warmth
@@ -47,11 +47,18 @@ class Slots:
         """Whether the slot still holds this template version."""
         if self.table.holding(slot) != prefix:
             return False  # no need to ask
-        return self.table.holds(slot, prefix, digest, self.api.fetch_state(slot))
+        states = self._fetch_states()
+        return self.table.holds(slot, prefix, digest, states.get(slot, UNKNOWN))
 
     def mark(self, slot, prefix, digest, ran=False):
         """Record that the slot holds this template version now (see SlotTable.mark)."""
-        self.table.mark(slot, prefix, digest, self.api.fetch_state(slot), ran)
+        states = self._fetch_states()
+        self.table.mark(slot, prefix, digest, states.get(slot, UNKNOWN), ran)
+
+    def _fetch_states(self):
+        states = self.api.fetch_states()
+        self.table.observe(states)
+        return states
 
     def forget(self, slot):
         self.table.forget(slot)

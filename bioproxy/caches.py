@@ -69,14 +69,15 @@ class SavedCaches:
         self.metrics.saves.labels(prefix, "ok").inc()
         log.info("template %s saved: %d tokens in %s", prefix, saved, name)
 
-    def restore_for_request(self, entry, warmth, slot):
-        """For a user request: load the template's saved cache into its slot.
+    def restore_for_request(self, entry, warmth, template, slot):
+        """For a user request: load the saved cache of the template version it was
+        expanded with into its slot.
 
         "restored", or "cold" when it cannot: the request then goes on without it, and
         leaves the slot holding the template once answered.
         """
         try:
-            return "restored" if self.restore(entry, warmth, entry.template, slot) else "cold"
+            return "restored" if self.restore(entry, warmth, template, slot) else "cold"
         except BackendError:
             return "cold"
 
@@ -134,8 +135,9 @@ class SavedCaches:
         reused, its last token evaluated again). When it did not, the file is forgotten:
         the head, evaluated in the slot now, is to be saved again.
         """
+        head = self.prompts.fetch_head(template)
         try:
-            answer = self.prompts.complete(slot, self.prompts.fetch_head(template))
+            answer = self.prompts.complete(slot, head)
         except BackendError:
             self.slots.forget(slot)  # what it holds is not known
             raise
@@ -155,13 +157,14 @@ class SavedCaches:
             self.registry.forget(prefix, saved["file"])
         return False
 
-    def restore_did_not_hold(self, entry, template, reused):
+    def restore_did_not_hold(self, entry, template, reused, tokens):
         """A user's answer after a restore reused less than the template: the file is bad."""
         log.warning(
             "template %s was restored for a request, yet llama-server reused only %d of its "
-            "tokens: its saved file is not used again",
+            "%s tokens: its saved file is not used again",
             entry.prefix,
             reused,
+            tokens,
         )
         saved = self.find(entry.prefix, template)
         if saved is not None:

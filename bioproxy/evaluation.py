@@ -22,7 +22,8 @@ class Superseded(Exception):
 
 
 class Evaluation:
-    """One template version being evaluated into one slot."""
+    """One template version being evaluated into one slot (while in the gate's runs, a
+    user arriving cancels it)."""
 
     def __init__(self, entry, slot, template, prompts, gate):
         self.entry = entry  # the catalog's entry: is_current() tells an edit meanwhile
@@ -57,13 +58,9 @@ class Evaluation:
         if in_one_piece:
             cuts = cuts[-1:]
         evaluated = 0
-        self.gate.runs.add(self)
-        try:
-            for cut in cuts:
-                answer = self._piece(head[:cut])
-                evaluated += answer.get("timings", {}).get("prompt_n", 0)
-        finally:
-            self.gate.runs.discard(self)
+        for cut in cuts:
+            answer = self._piece(head[:cut])
+            evaluated += answer.get("timings", {}).get("prompt_n", 0)
         return int(answer["tokens_evaluated"]), evaluated
 
     def _piece(self, text):

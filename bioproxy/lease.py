@@ -37,8 +37,8 @@ class Lease:
         self.ended = True
         complete = body is not None and body.complete
         try:
-            if self.template is not None:
-                self._account(body.timings() or {} if body is not None else {})
+            if self.template is not None and body is not None:  # an answer came
+                self._account(body.timings() or {})
         finally:
             if self.ticket is not None:
                 self._release(complete and body.status == 200, drain=not complete)
@@ -74,7 +74,8 @@ class Lease:
                 warmth.tokens,
             )
         if self.cache == "restored":
-            self.backend.caches.restore_did_not_hold(self.entry, self.template, reused)
+            caches = self.backend.caches
+            caches.restore_did_not_hold(self.entry, self.template, reused, warmth.tokens)
 
     def _release(self, succeeded, drain):
         """The slot holds the template if the request succeeded with the current version;
@@ -82,7 +83,10 @@ class Lease:
         use. drain: the answer ended early, so the slot waits until llama-server is idle."""
         backend, slot = self.backend, self.ticket.slot
         try:
-            if succeeded and self.template is not None and self.entry.is_current(self.template):
+            # Only a chat request leaves the template's head there (a templated completion
+            # holds its own prompt).
+            chat = self.ticket.template is not None
+            if succeeded and chat and self.entry.is_current(self.template):
                 backend.slots.mark(slot, self.entry.prefix, self.template.digest)
             else:
                 backend.slots.forget(slot)

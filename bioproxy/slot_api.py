@@ -8,7 +8,7 @@ import logging
 
 import requests
 
-from .slot_table import UNKNOWN, slot_states
+from .slot_table import slot_states
 from .upstream import BackendError
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,14 @@ class SlotApi:
         slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
         return props, slots
 
-    def fetch_state(self, slot):
-        """(last task id, whether it is processing) of one slot, or UNKNOWN."""
+    def fetch_states(self):
+        """Every slot's state (see slot_table.slot_states), or {} if llama-server cannot say."""
         try:
             slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
         except BackendError as e:
             log.warning("cannot read slots: %s", e)
-            return UNKNOWN
-        return slot_states(slots).get(slot, UNKNOWN)
+            return {}
+        return slot_states(slots)
 
     def save(self, slot, filename):
         """Save the slot's cache to llama-server's slot folder; the tokens saved."""

@@ -63,15 +63,22 @@ class SlotTable:
         held = self.held.get(slot)
         if not held or held[:2] != (prefix, digest):
             return False
-        task, busy, tokens = state
+        task, busy, _ = state
         if (task, busy) != (held[2], False):
             self.held.pop(slot, None)
             return False
-        if tokens is not None and held[3] is not None and tokens < held[3]:
+        if _emptied(held, state):
             self.held.pop(slot, None)
             self.cleared = True
             return False
         return True
+
+    def observe(self, states):
+        """Take in every slot's state from GET /slots: notice slots llama-server cleared."""
+        for slot, held in list(self.held.items()):
+            if _emptied(held, states.get(slot, UNKNOWN)):
+                self.held.pop(slot, None)
+                self.cleared = True
 
     def mark(self, slot, prefix, digest, state, ran=False):
         """Record that the slot, in this state now, holds this template version.
@@ -91,6 +98,13 @@ class SlotTable:
 
     def forget(self, slot):
         self.held.pop(slot, None)
+
+
+def _emptied(held, state):
+    """Whether a slot held as recorded now holds fewer tokens, with no task run since."""
+    task, busy, tokens = state
+    recorded = held[3]
+    return (task, busy) == (held[2], False) and None not in (tokens, recorded) and tokens < recorded
 
 
 def slot_states(slots):

@@ -59,7 +59,12 @@ def forward(backend, raw, body, match, expansion, send, watch=None):
         with watch.guard() if watch else nullcontext():
             if ticket is not None:
                 backend.scheduler.acquire(ticket)
-            lease = _lease(backend, ticket, match, expansion)
+            if expansion is None:
+                lease = Lease(backend, ticket)
+            else:
+                # Before the slot is made ready: a restore changes what the slot holds.
+                lease = Lease(backend, ticket, expansion.entry, expansion.template)
+                lease.cache = lease.outcome = _made_ready(backend, ticket, expansion)
             data = expansion.data if expansion else raw
             if ticket is not None:
                 data = _pin(data, body, ticket.slot)
@@ -72,21 +77,16 @@ def forward(backend, raw, body, match, expansion, send, watch=None):
         raise
 
 
-def _lease(backend, ticket, match, expansion):
-    """The request's lease; for a templated one, its cache made ready in its slot."""
-    if expansion is None:
-        return Lease(backend, ticket)
+def _made_ready(backend, ticket, expansion):
+    """A templated request's cache in its slot: "slot", "restored" or "cold"."""
     entry, template = expansion.entry, expansion.template
-    cache = "cold"
-    if ticket is not None and ticket.template is not None:
-        # A slot that held the template still does unless another task ran there since.
-        if backend.slots.holds(ticket.slot, entry.prefix, template.digest):
-            cache = "slot"
-        else:
-            cache = backend.caches.restore_for_request(
-                entry, backend.warmth[entry.prefix], ticket.slot
-            )
-    return Lease(backend, ticket, entry, template, cache)
+    if ticket is None or ticket.template is None:
+        return "cold"  # not placed by bioproxy, or not a chat request
+    # A slot that held the template still does unless another task ran there since.
+    if backend.slots.holds(ticket.slot, entry.prefix, template.digest):
+        return "slot"
+    warmth = backend.warmth[entry.prefix]
+    return backend.caches.restore_for_request(entry, warmth, template, ticket.slot)
 
 
 def _ticket(slots, body, match):

@@ -74,27 +74,28 @@ class Warmups:
         warmth.mark_warming()
         log.info("warming template %s in slot %d", entry.prefix, slot)
         run = Evaluation(entry, slot, template, backend.prompts, backend.gate)
-        held = backend.slots.holds(slot, entry.prefix, template.digest)
+        backend.gate.runs.add(run)  # from here, a user arriving cancels it
         try:
+            held = backend.slots.holds(slot, entry.prefix, template.digest)
             head = backend.prompts.fetch_head(template)
             tokens, evaluated = run.run(head, self.piece_chars, in_one_piece=held)
         except Superseded:
-            # The pass that read the edit made the template stale, and that stands.
-            self.remember(run, "superseded")
-            log.info("warming template %s stopped: its file changed", entry.prefix)
+            self.superseded(run)
             return
         except GaveWay:
-            warmth.mark_stale()  # again when bioproxy is idle
-            self.remember(run, "cancelled")
-            backend.metrics.warmup_cancellations.labels(entry.prefix).inc()
-            log.info("warming template %s gave way to a user request", entry.prefix)
+            self.gave_way(run, warmth)
             return
         except Exception as e:
+            # Whatever failed, an edit or a user that came meanwhile decides the outcome.
             if not entry.is_current(template):
-                self.remember(run, "superseded")  # it failed, but the text changed anyway
+                self.superseded(run)
+            elif run.cancelled:
+                self.gave_way(run, warmth)
             else:
                 self.failed(run, warmth, e)
             return
+        finally:
+            backend.gate.runs.discard(run)
         try:
             backend.caches.save(entry.prefix, template, slot, tokens)
         except BackendError as e:
@@ -107,6 +108,17 @@ class Warmups:
         # After the save: what the slot last ran is then what bioproxy saw last.
         backend.slots.mark(slot, entry.prefix, template.digest, ran=True)
         self.warmed(run, warmth, tokens, evaluated)
+
+    def superseded(self, run):
+        # The pass that read the edit made the template stale, and that stands.
+        self.remember(run, "superseded")
+        log.info("warming template %s stopped: its file changed", run.entry.prefix)
+
+    def gave_way(self, run, warmth):
+        warmth.mark_stale()  # again when bioproxy is idle
+        self.remember(run, "cancelled")
+        self.backend.metrics.warmup_cancellations.labels(run.entry.prefix).inc()
+        log.info("warming template %s gave way to a user request", run.entry.prefix)
 
     def failed(self, run, warmth, error):
         prefix = run.entry.prefix

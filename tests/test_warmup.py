@@ -9,6 +9,7 @@ import pytest
 import requests
 import responses
 
+from bioproxy.errors import ClientGone
 from bioproxy.scheduler import USER, Ticket
 from tests.conftest import ADMIN_BASE, BACKEND
 from tests.fake_llama import END, SYSTEM
@@ -306,10 +307,9 @@ def test_a_slot_llama_server_cleared_while_idle_is_not_taken_for_warm(app, llama
     # GET /slots's token count shows it. Such a slot was sent requests as "slot", cold.
     llama.clears_idle_slots = True
     warmer(app).check()  # @review's evaluation cleared @code's slot
-    code_slot = next(
-        slot for slot, held in backend(app).slots.table.held.items() if held[0] == "@code"
-    )
+    code_slot = llama.evaluated[0][0]
     assert llama.contents[code_slot] == ""
+    assert backend(app).slots.table.holding(code_slot) is None  # seen at once
 
     answer = ask(client, "@code Why?")
 
@@ -567,6 +567,64 @@ def test_a_request_queued_while_its_template_breaks_is_answered_with_the_text_it
     # Arrived after the break: the template's own error.
     broken = ask(app.test_client(), "@code Again?")
     assert (broken.status_code, broken.json["error"]["code"]) == (500, "template_broken")
+
+
+def test_a_request_queued_while_its_template_breaks_is_restored_as_the_version_it_came_with(
+    app, folder, llama
+):
+    warmer(app).check()
+    code_slot = llama.evaluated[0][0]
+    scheduler = backend(app).scheduler
+    held = [Ticket(slot=slot) for slot in (0, 1)]
+    for ticket in held:
+        scheduler.acquire(ticket)
+    waiting = gevent.spawn(ask, app.test_client(), "@code Why?")
+    gevent.sleep(0.05)  # queued behind the two held slots
+
+    (folder / "code.txt").unlink()
+    warmer(app).reload()
+    llama.run_other_task(code_slot)  # so the template must be restored
+    scheduler.release(held[code_slot])
+    answer = waiting.get(timeout=10)
+
+    assert answer.status_code == 200, answer.get_data()
+    assert answer.headers["X-Bioproxy-Cache"] == "restored"
+    assert answer.get_json()["timings"]["cache_n"] > 0
+
+
+def test_a_templated_completion_leaves_its_slot_holding_no_template(app, llama, client):
+    warmer(app).check()
+
+    data = json.dumps({"prompt": "@code Why?"})
+    answer = client.post("/completion", data=data, buffered=True)
+
+    assert answer.status_code == 200
+    slot = json.loads(responses.calls[-1].request.body)["id_slot"]
+    # It holds that prompt, not the chat-rendered head a chat request would reuse.
+    assert backend(app).slots.table.holding(slot) is None
+
+
+def test_a_client_gone_during_a_restore_leaves_that_slot_holding_no_template(app, llama, client):
+    warmer(app).check()
+    code_slot = llama.evaluated[0][0]
+    review_slot = 1 - code_slot
+    busy = Ticket(slot=code_slot)
+    backend(app).scheduler.acquire(busy)  # so @code is restored into @review's slot
+
+    def restore_then_the_client_leaves(action, slot, name):
+        if action == "restore":
+            llama.contents[slot] = llama.files[name]  # llama-server restored it
+            raise ClientGone("the client closed its connection")
+
+    llama.on_action = restore_then_the_client_leaves
+    assert ask(client, "@code Why?").status_code == 499
+    llama.on_action = None
+    backend(app).scheduler.release(busy)
+
+    assert backend(app).slots.table.holding(review_slot) is None
+    answer = ask(client, "@review Look at this.")
+    assert answer.headers["X-Bioproxy-Cache"] == "restored"
+    assert answer.get_json()["timings"]["cache_n"] > 0
 
 
 def test_plain_requests_are_pinned_to_a_slot_without_the_template(app, llama, client):
