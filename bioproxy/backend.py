@@ -104,6 +104,19 @@ class Backend:
             if prefix not in self.catalog:
                 registry.forget(prefix)
 
+    def pins(self):
+        """Whether requests are pinned to the slot bioproxy chose for them (id_slot).
+
+        Not when llama-server clears idle slots (a unified KV cache with --cache-idle-slots,
+        its defaults when -np is not given) and cannot restore a saved file (no
+        --slot-save-path): a slot bioproxy chose is then empty, and llama-server loads a
+        request pinned to an empty slot from nothing, while it places an unpinned one
+        where its own RAM cache (--cache-ram) gives it the template back.
+        """
+        pins = not (self.slots.table.cleared and self.caches.unsupported)
+        self.scheduler.placed_by_server = not pins
+        return pins
+
     def close(self):
         self.warmer.stop()
         self.upstream.close()

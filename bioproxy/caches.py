@@ -32,6 +32,9 @@ class SavedCaches:
         self.prompts = prompts
         self.metrics = metrics
         self.on_discard = on_discard
+        # Whether llama-server's slot API last answered that it cannot save or restore
+        # (501: started without --slot-save-path).
+        self.unsupported = False
 
     def find(self, prefix, template):
         """The saved entry for this template version on the loaded model, or None."""
@@ -55,7 +58,9 @@ class SavedCaches:
                 )
         except SlotsUnsupported as e:
             self.metrics.saves.labels(prefix, "failed").inc()
-            log.warning("template %s not saved (no --slot-save-path?): %s", prefix, e)
+            if not self.unsupported:
+                log.warning("template %s not saved (no --slot-save-path?): %s", prefix, e)
+            self.unsupported = True
             return
         except BackendError:
             self.metrics.saves.labels(prefix, "failed").inc()
@@ -65,6 +70,7 @@ class SavedCaches:
             self.registry.forget(prefix, name)
             self.registry.delete_file(name)
             raise
+        self.unsupported = False
         self.registry.record(prefix, template.digest, self.slots.table.model, saved)
         self.metrics.saves.labels(prefix, "ok").inc()
         log.info("template %s saved: %d tokens in %s", prefix, saved, name)
@@ -103,6 +109,10 @@ class SavedCaches:
             self._failed(entry.prefix, slot, e)
             self.discard(entry.prefix, saved)  # missing, corrupt or from another build
             return False
+        except SlotsUnsupported:
+            self.unsupported = True
+            self._failed(entry.prefix, slot, "llama-server cannot restore (no --slot-save-path)")
+            raise
         except BackendError as e:
             self._failed(entry.prefix, slot, e)
             raise

@@ -24,6 +24,7 @@ class Lease:
         self.template = template  # the version it was expanded with
         self.cache = cache  # expected: "slot", "restored" or "cold" (X-Bioproxy-Cache)
         self.outcome = cache  # as measured by the answer's timings, once it has ended
+        self.pinned = False  # sent with id_slot: it ran in the slot bioproxy chose
         self.ended = False
 
     @property
@@ -52,7 +53,10 @@ class Lease:
         if all(_count(n) for n in (reused, evaluated)):
             metrics.tokens_reused.labels(prefix).inc(reused)
             metrics.tokens_evaluated.labels(prefix).inc(evaluated)
-            if self.cache != "cold" and not _found_warm(reused, warmth.tokens):
+            warm = _found_warm(reused, warmth.tokens)
+            if self.cache == "server":
+                self.outcome = "server" if warm else "cold"  # llama-server's own cache
+            elif self.cache != "cold" and not warm:
                 self._missed(warmth, reused)
         metrics.template_requests.labels(prefix, self.outcome).inc()
         warmth.count_request(self.outcome)
@@ -86,7 +90,7 @@ class Lease:
             # Only a chat request leaves the template's head there (a templated completion
             # holds its own prompt).
             chat = self.ticket.template is not None
-            if succeeded and chat and self.entry.is_current(self.template):
+            if succeeded and chat and self.pinned and self.entry.is_current(self.template):
                 backend.slots.mark(slot, self.entry.prefix, self.template.digest)
             else:
                 backend.slots.forget(slot)

@@ -116,8 +116,12 @@ class LlamaServer:
         extra_args=(),
         binary=None,
         ui=None,
+        defaults=False,
     ):
         self.host = host
+        # As users start it (-m, --host, --port and extra_args only): llama.cpp's own
+        # defaults for the rest (slots automatic, a unified KV cache, idle slots cleared).
+        self.defaults = defaults
         self.port = port
         self.slots = slots
         # Each slot gets context / slots tokens.
@@ -145,6 +149,11 @@ class LlamaServer:
             self.host,
             "--port",
             str(self.port),
+        ]
+        if self.defaults:
+            folder = ["--slot-save-path", self.slot_save_path] if self.slot_save_path else []
+            return args + folder + self.extra_args
+        args += [
             "-np",
             str(self.slots),
             "-c",

@@ -57,6 +57,9 @@ class Scheduler:
         self.arrivals = itertools.count()
         self.hold_seconds = None  # moving average of how long a slot is held
         self.on_drain = None  # called when a slot is given back with work still under way
+        # Whether requests go unpinned, llama-server placing them (see Backend.pins): a
+        # slot then stands for a place among llama-server's slots, not for that slot.
+        self.placed_by_server = False
 
     # The bookkeeping.
 
@@ -154,11 +157,17 @@ class Scheduler:
         since then may show in that snapshot as still processing its own request.
         """
         since = self.releases if released_before is None else released_before
-        self.foreign = {
+        foreign = [
             s
-            for s in self.slots.processing
+            for s in sorted(self.slots.processing)
             if s not in self.busy and self.released.get(s, 0) <= since
-        }
+        ]
+        if self.placed_by_server:
+            # Requests go unpinned: llama-server may run one of bioproxy's in any slot, so
+            # only processing slots beyond bioproxy's own count are someone else's.
+            excess = len(self.slots.processing) - len(self.busy)
+            foreign = foreign[: max(excess, 0)]
+        self.foreign = set(foreign)
         self.dispatch()
 
     def forget_foreign(self):

@@ -39,6 +39,7 @@ class SlotTable:
         )
         if restarted or self.model is None:
             self.held.clear()
+            self.cleared = False  # a new server may have been started otherwise
         self.model, self.tasks = identity, tasks
         self.processing = {i for i, (_, busy, _) in states.items() if busy}
         self.count = int(props.get("total_slots") or len(slots))

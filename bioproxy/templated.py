@@ -66,8 +66,9 @@ def forward(backend, raw, body, match, expansion, send, watch=None):
                 lease = Lease(backend, ticket, expansion.entry, expansion.template)
                 lease.cache = lease.outcome = _made_ready(backend, ticket, expansion)
             data = expansion.data if expansion else raw
-            if ticket is not None:
+            if ticket is not None and backend.pins():
                 data = _pin(data, body, ticket.slot)
+                lease.pinned = True
             return send(data, lease)
     except BaseException:
         if lease is not None:
@@ -78,13 +79,16 @@ def forward(backend, raw, body, match, expansion, send, watch=None):
 
 
 def _made_ready(backend, ticket, expansion):
-    """A templated request's cache in its slot: "slot", "restored" or "cold"."""
+    """A templated request's cache: "slot" (its slot holds it), "restored", "server" (left
+    to llama-server's own cache, unpinned: see Backend.pins) or "cold"."""
     entry, template = expansion.entry, expansion.template
     if ticket is None or ticket.template is None:
         return "cold"  # not placed by bioproxy, or not a chat request
     # A slot that held the template still does unless another task ran there since.
     if backend.slots.holds(ticket.slot, entry.prefix, template.digest):
         return "slot"
+    if not backend.pins():
+        return "server"  # llama-server places it, and reuses its own copy if it has one
     warmth = backend.warmth[entry.prefix]
     return backend.caches.restore_for_request(entry, warmth, template, ticket.slot)
 

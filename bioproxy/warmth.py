@@ -34,7 +34,8 @@ class Warmth:
         self.forced = False  # evaluate again even though a saved file exists
         self.failures = 0  # failed warmups in a row
         self.retry_at = 0.0  # no new try before this time.monotonic()
-        self.requests = {"slot": 0, "restored": 0, "cold": 0}  # templated requests by cache
+        # Templated requests by cache, as measured (see lease.Lease).
+        self.requests = {"slot": 0, "restored": 0, "server": 0, "cold": 0}
         self.missed = set()  # the expectations found wrong (slot, restored), logged once
 
     def due(self, now):

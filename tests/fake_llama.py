@@ -32,6 +32,7 @@ class FakeLlama:
         self.on_completion = None  # called with each /completion body before it is answered
         self.on_action = None  # called with (action, slot, filename) before it is answered
         self.clears_idle_slots = False
+        self.ram = []  # texts in the RAM cache (--cache-ram), which unpinned requests reuse
         self.shows_tokens = True  # n_prompt_tokens in GET /slots
 
     def install(self):
@@ -58,9 +59,11 @@ class FakeLlama:
     def _task(self, slot, text):
         if self.clears_idle_slots:
             # As llama-server with a unified KV cache and --cache-idle-slots (its defaults
-            # without -np): a task that starts clears every other idle slot.
+            # without -np): a task that starts copies every other idle slot to its RAM
+            # cache, and clears it.
             for other in self.contents:
-                if other != slot and other not in self.busy:
+                if other != slot and other not in self.busy and self.contents[other]:
+                    self.ram.append(self.contents[other])
                     self.contents[other] = ""
         self.restored.discard(slot)
         self.tasks[slot] = self.next_task
@@ -139,8 +142,13 @@ class FakeLlama:
     def chat(self, request):
         body = json.loads(request.body)
         self.chats.append(body)
-        slot = body.get("id_slot", 0)
         prompt = SYSTEM + body["messages"][-1]["content"] + END
+        slot = body.get("id_slot")
+        if slot is None:  # placed by llama-server: a free slot, loaded from the RAM cache
+            slot = min(s for s in self.contents if s not in self.busy)
+            cached = [text for text in self.ram if text and prompt.startswith(text)]
+            if cached:
+                self.contents[slot] = max(cached, key=len)
         held = self.contents[slot]
         cached = len(held.split()) if held and prompt.startswith(held) else 0
         self._task(slot, prompt)

@@ -345,7 +345,32 @@ def test_a_request_expected_warm_that_came_back_cold_is_counted_as_a_miss(
     assert caplog.text.count("expected warm (slot)") == 1  # logged once
     access = [r.getMessage() for r in caplog.records if r.name == "bioproxy.access"]
     assert all("template=@code cache=cold" in line for line in access), access
-    assert backend(app).warmth["@code"].requests == {"slot": 0, "restored": 0, "cold": 2}
+    assert backend(app).warmth["@code"].requests == {
+        "slot": 0,
+        "restored": 0,
+        "server": 0,
+        "cold": 2,
+    }
+
+
+def test_with_llama_cpp_s_defaults_requests_go_unpinned_to_its_own_cache(app, llama, client, admin):
+    # Issue 11: llama-server started with only -m and --port clears idle slots into its
+    # RAM cache and has no slot folder. Pinned to the emptied slot, every templated
+    # request was evaluated in full, reported "slot"; unpinned, llama-server reloads it.
+    llama.clears_idle_slots = True
+    llama.status = {"save": 501, "restore": 501}
+    warmer(app).check()  # both evaluated, neither saved; @code's slot cleared into RAM
+
+    texts = ["@code Why?", "A plain question.", "@code And?", "@review Look at this."]
+    answers = [ask(client, text) for text in texts]
+
+    assert all(a.status_code == 200 for a in answers)
+    assert all("id_slot" not in body for body in llama.chats)
+    templated = [answers[0], answers[2], answers[3]]
+    assert [a.headers["X-Bioproxy-Cache"] for a in templated] == ["server"] * 3
+    assert all(a.get_json()["timings"]["cache_n"] > 0 for a in templated)
+    assert sample(admin, "bioproxy_template_requests_total", template="@code", cache="server") == 2
+    assert backend(app).scheduler.busy == {}
 
 
 def test_admin_can_ask_for_a_warmup(app, llama, admin):
@@ -765,7 +790,7 @@ def test_templates_count_their_requests_by_cache_state(app, llama, client, admin
     ask(client, "@code Why not?")
 
     (code,) = [t for t in admin.get("/templates").json["templates"] if t["prefix"] == "@code"]
-    assert code["requests"] == {"slot": 1, "restored": 1, "cold": 0}
+    assert code["requests"] == {"slot": 1, "restored": 1, "server": 0, "cold": 0}
 
 
 def test_a_templated_message_with_a_lone_surrogate_is_a_400_and_never_sent(app, llama, client):
