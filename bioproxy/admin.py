@@ -148,6 +148,7 @@ def status():
         {
             "backend": backend.upstream.base_url,
             "backend_seen": backend.seen(),
+            "backend_mode": backend.mode(),
             **scheduler,
             "warmups": backend.warmer.describe(),
             "ttft": get_state().metrics.recent_first_tokens.buckets(),

@@ -114,8 +114,42 @@ class Backend:
         where its own RAM cache (--cache-ram) gives it the template back.
         """
         pins = not (self.slots.table.cleared and self.caches.unsupported)
+        if pins == self.scheduler.placed_by_server:  # it changes: said once each time
+            log.warning(
+                "llama-server clears idle slots and cannot restore (no --slot-save-path): "
+                "requests go unpinned, to its own RAM cache"
+                if not pins
+                else "requests are pinned to their slots again"
+            )
         self.scheduler.placed_by_server = not pins
         return pins
+
+    def mode(self):
+        """What bioproxy found out about this llama-server, and what that takes away."""
+        pins, table = self.pins(), self.slots.table
+        notes = []
+        if self.caches.unsupported:
+            notes.append(
+                "llama-server cannot save slots (started without --slot-save-path): no "
+                "template stays warm across a llama-server restart; start it with "
+                "--slot-save-path DIR and set slot_save_path to DIR"
+            )
+        if table.cleared:
+            notes.append(
+                "llama-server clears idle slots (a unified KV cache, its default without "
+                "-np): "
+                + (
+                    "templated requests go unpinned, to its own RAM cache (--cache-ram)"
+                    if not pins
+                    else "a cleared template is restored from its file"
+                )
+            )
+        return {
+            "pinned": pins,
+            "clears_idle_slots": table.cleared,
+            "saves": not self.caches.unsupported,
+            "notes": notes,
+        }
 
     def close(self):
         self.warmer.stop()

@@ -371,6 +371,9 @@ def test_with_llama_cpp_s_defaults_requests_go_unpinned_to_its_own_cache(app, ll
     assert all(a.get_json()["timings"]["cache_n"] > 0 for a in templated)
     assert sample(admin, "bioproxy_template_requests_total", template="@code", cache="server") == 2
     assert backend(app).scheduler.busy == {}
+    mode = admin.get("/status").json["backend_mode"]
+    assert (mode["pinned"], mode["clears_idle_slots"], mode["saves"]) == (False, True, False)
+    assert any("--slot-save-path" in note for note in mode["notes"])
 
 
 def test_admin_can_ask_for_a_warmup(app, llama, admin):

@@ -72,11 +72,11 @@ def test_templated_requests_evaluate_only_the_user_s_words(tmp_path, slot_folder
         log = bp.log()
         misses = bp.metric("bioproxy_template_cache_misses_total")
 
+    brief = [(text, cache, t["cache_n"], t["prompt_n"]) for text, cache, t in seen]
+    print(*brief, sep="\n")  # with pytest -s: the figures docs/TEMPLATES.md quotes
     for text, cache, timings in seen:
         if text.startswith("@"):
             # The template reused; evaluated: the words, the chat template's few tokens.
-            assert timings["cache_n"] > 200 and timings["prompt_n"] < 40, [
-                (t, c, x["cache_n"], x["prompt_n"]) for t, c, x in seen
-            ]
-            assert cache != "cold", seen
+            assert timings["cache_n"] > 200 and timings["prompt_n"] < 40, brief
+            assert cache != "cold", brief
     assert misses == 0, log
