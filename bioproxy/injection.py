@@ -8,19 +8,41 @@ from .templates import match_prefix, strip_prefix
 
 
 class Match:
-    """A request whose message starts with a template prefix."""
+    """A request with template prefixes: where each one's message is, and the template
+    whose cache the request can reuse.
 
-    def __init__(self, body, prefix, place, chat):
+    prefix is the request's template: its opening user message's in a conversation that
+    opened with one (its head then begins the prompt, and a warm slot serves it), else
+    its newest user message's. warm: whether that template's head begins the prompt, so
+    that a warmed cache applies (a chat whose opening message is the templated one).
+    """
+
+    def __init__(self, body, prefix, places, chat, warm):
         self.body = body  # the parsed JSON body
         self.prefix = prefix
-        self.place = place  # (dict, key) holding the message text
-        self.message = strip_prefix(place[0][place[1]], prefix)
-        self.chat = chat  # chat requests are the ones whose template cache is warmed
+        self.places = places  # [(holder, key, prefix, expand)] for each templated message
+        self.chat = chat
+        self.warm = warm
+        # The user's own words in each, read now: expand() writes over the messages.
+        self.words = [strip_prefix(holder[key], p) for holder, key, p, _ in places]
 
-    def expand(self, template):
-        """The new body: the template around the message, llama-server's cache asked for."""
-        holder, key = self.place
-        holder[key] = template.render(self.message)
+    @property
+    def message(self):
+        """The user's own words in the message that carries the request's template."""
+        return next(
+            w for (_, _, p, _), w in zip(self.places, self.words, strict=True) if p == self.prefix
+        )
+
+    @property
+    def prefixes(self):
+        """Every template the request needs."""
+        return {prefix for _, _, prefix, expand in self.places if expand}
+
+    def expand(self, templates):
+        """The new body: each message in its template (templates: prefix -> Template), and
+        llama-server's cache asked for."""
+        for (holder, key, prefix, expand), words in zip(self.places, self.words, strict=True):
+            holder[key] = templates[prefix].render(words) if expand else words
         self.body["cache_prompt"] = True
         return dump(self.body)
 
@@ -38,15 +60,39 @@ def dump(body):
 
 
 def find(path, body, prefixes):
-    """The Match for a request's parsed body, or None when it is not templated."""
+    """The Match for a request's parsed body, or None when it is not templated.
+
+    A completion's prompt that starts with a prefix is expanded. In a chat, each user
+    message that starts with a prefix is expanded with its template, on every turn alike,
+    so a conversation that opened with one keeps it, word for word, and llama-server
+    reuses the earlier turns' cache; a later message with the opening message's own prefix
+    has the prefix taken off, not the template repeated. Other roles are never read.
+    """
     chat = path in endpoints.CHAT
     if not prefixes or not (chat or path in endpoints.COMPLETION):
         return None
-    place = _last_user_text(body) if chat else (body, "prompt")
-    if place is None or not isinstance(place[0].get(place[1]), str):
+    if not chat:
+        prompt = body.get("prompt")
+        prefix = match_prefix(prompt, prefixes) if isinstance(prompt, str) else None
+        return (
+            Match(body, prefix, [(body, "prompt", prefix, True)], False, False) if prefix else None
+        )
+    users = _user_texts(body)
+    found = [(place, match_prefix(place[0][place[1]], prefixes)) for place in users]
+    found = [(place, prefix) for place, prefix in found if prefix]
+    if not found:
         return None
-    prefix = match_prefix(place[0][place[1]], prefixes)
-    return Match(body, prefix, place, chat) if prefix else None
+    opening = found[0][0] is users[0] and found[0][1]  # the conversation's template, if any
+    places = [
+        (*place, prefix, not (opening == prefix and place is not users[0]))
+        for place, prefix in found
+    ]
+    prefix = opening or found[-1][1]
+    # The head warmed is the template's alone: a message of the client's before it (a
+    # system message) renders another prompt, which no warmed cache begins.
+    first = body["messages"][0]
+    alone = isinstance(first, dict) and first.get("role") == "user"
+    return Match(body, prefix, places, True, bool(opening) and alone)
 
 
 # Deeper than any request llama-server is sent in practice (a JSON schema in a tool or a
@@ -131,18 +177,21 @@ def _depth_beyond(value, limit):
     return False
 
 
-def _last_user_text(body):
-    """(dict, key) holding the last user message's text: its content, or first text part."""
+def _user_texts(body):
+    """(dict, key) holding each user message's text, in order: its content if a string,
+    else its first text part."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise BadRequest("'messages' must be a list")
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            break
-    else:
-        return None
-    content = message.get("content")
-    if isinstance(content, list):
-        parts = [p for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        return (parts[0], "text") if parts else None
-    return message, "content"
+    places = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = [p for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if parts and isinstance(parts[0].get("text"), str):
+                places.append((parts[0], "text"))
+        elif isinstance(content, str):
+            places.append((message, "content"))
+    return places

@@ -26,13 +26,16 @@ def expand(catalog, match, limit):
     Done before the request waits for a slot (or holds warmups off): a request refused
     here has taken nothing. limit: max_request_bytes.
     """
-    entry = catalog[match.prefix]
-    template = entry.template
-    if template is None:
-        raise TemplateBroken(
-            f"template {entry.prefix} ({entry.path}) cannot be used: {entry.error}"
-        )
-    data = match.expand(template)
+    templates = {}
+    for prefix in sorted(match.prefixes | {match.prefix}):
+        entry = catalog[prefix]
+        if entry.template is None:
+            raise TemplateBroken(
+                f"template {entry.prefix} ({entry.path}) cannot be used: {entry.error}"
+            )
+        templates[prefix] = entry.template
+    entry, template = catalog[match.prefix], templates[match.prefix]
+    data = match.expand(templates)
     if len(data) > limit:
         # Each <{message}> gets the whole message: the body to send can be several times
         # the one received, and llama-server would spend seconds reading it to refuse it.
@@ -100,8 +103,9 @@ def _ticket(slots, body, match):
     wanted = body.get("id_slot", -1)
     if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted >= slots.count:
         return None  # llama-server will say what is wrong with it
-    # Only chat requests match a warmed cache; templated completions are placed as plain.
-    template = match.prefix if match and match.chat else None
+    # Only a chat whose opening message is templated reuses a warmed cache: the others
+    # (templated completions, a template in a later turn) are placed as plain.
+    template = match.prefix if match and match.warm else None
     return Ticket(USER, template, wanted if wanted >= 0 else None)
 
 

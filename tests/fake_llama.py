@@ -90,9 +90,13 @@ class FakeLlama:
                 slot["n_prompt_tokens"] = len(self.contents[i].split())
         return slot
 
+    @staticmethod
+    def render(messages):
+        """A chat rendered to a prompt, as a chat template does (each message then END)."""
+        return SYSTEM + "".join(m["content"] + END for m in messages)
+
     def apply_template(self, request):
-        content = json.loads(request.body)["messages"][-1]["content"]
-        return self._json(200, {"prompt": SYSTEM + content + END})
+        return self._json(200, {"prompt": self.render(json.loads(request.body)["messages"])})
 
     def completion(self, request):
         body = json.loads(request.body)
@@ -142,7 +146,7 @@ class FakeLlama:
     def chat(self, request):
         body = json.loads(request.body)
         self.chats.append(body)
-        prompt = SYSTEM + body["messages"][-1]["content"] + END
+        prompt = self.render(body["messages"])
         slot = body.get("id_slot")
         if slot is None:  # placed by llama-server: a free slot, loaded from the RAM cache
             slot = min(s for s in self.contents if s not in self.busy)

@@ -29,23 +29,62 @@ def user(content):
 
 def expanded(match, slot=None):
     """The body sent: expanded, and pinned to a slot as the scheduler would."""
-    data = match.expand(TEMPLATE)
+    data = match.expand(dict.fromkeys(match.prefixes, TEMPLATE))
     if slot is not None:
         data = templated._pin(data, match.body, slot)
     return json.loads(data)
 
 
 def test_the_last_user_message_is_expanded_and_pinned():
-    raw = chat(user("@code first"), {"role": "assistant", "content": "ok"}, user("@code How?"))
+    raw = chat(user("Hello."), {"role": "assistant", "content": "ok"}, user("@code How?"))
 
     match = find("POST", "/v1/chat/completions", raw, PREFIXES)
     body = expanded(match, slot=1)
 
     assert (match.prefix, match.message, match.chat) == ("@code", "How?", True)
-    assert body["messages"][0]["content"] == "@code first"
+    assert match.warm is False  # the template's head does not begin the prompt
+    assert body["messages"][0]["content"] == "Hello."
     assert body["messages"][2]["content"] == "Before. How? After."
     assert body["id_slot"] == 1
     assert body["cache_prompt"] is True
+
+
+def test_a_conversation_keeps_the_template_it_opened_with_on_every_turn():
+    # Issue 11.4: from the second turn on, the opening message went raw ("@code How?"):
+    # the template was gone from the conversation.
+    turns = [user("@code How?"), {"role": "assistant", "content": "Like so."}]
+    first = expanded(find("POST", "/v1/chat/completions", chat(turns[0]), PREFIXES))
+    follow_ups = [
+        chat(*turns, user("And in place?")),
+        chat(*turns, user("@code And in place?")),  # the prefix again: not the template again
+    ]
+
+    for raw in follow_ups:
+        match = find("POST", "/v1/chat/completions", raw, PREFIXES)
+        body = expanded(match)
+        assert (match.prefix, match.warm) == ("@code", True)
+        assert body["messages"][0] == first["messages"][0]  # word for word as on turn one
+        assert body["messages"][1] == turns[1]
+        assert body["messages"][2]["content"] == "And in place?"
+
+
+def test_each_other_templated_message_gets_its_own_template_and_assistants_none():
+    templates = {
+        "@code": TEMPLATE,
+        "@codex": Template("@codex", "x.txt", ("X: ", ""), ("/x.txt",), "e" * 64),
+    }
+    raw = chat(
+        user("@code Write it."),
+        {"role": "assistant", "content": "@codex is what you may mean."},
+        user("@codex Review it."),
+    )
+
+    match = find("POST", "/v1/chat/completions", raw, PREFIXES)
+    body = json.loads(match.expand(templates))
+
+    assert (match.prefix, match.prefixes) == ("@code", {"@code", "@codex"})
+    contents = [m["content"] for m in body["messages"]]
+    assert contents == ["Before. Write it. After.", "@codex is what you may mean.", "X: Review it."]
 
 
 def test_a_prefix_alone_is_an_empty_message():
@@ -108,7 +147,7 @@ def test_completion_prompts_are_expanded_but_not_pinned(path):
 def test_non_ascii_text_survives_expansion():
     match = find("POST", "/v1/chat/completions", chat(user("@code ¿Cómo? 日本")), PREFIXES)
 
-    assert match.expand(TEMPLATE).decode() == (
+    assert match.expand({"@code": TEMPLATE}).decode() == (
         '{"messages": [{"role": "user", "content": "Before. ¿Cómo? 日本 After."}], '
         '"cache_prompt": true}'
     )
@@ -160,3 +199,12 @@ def test_a_lone_surrogate_in_a_body_bioproxy_rebuilds_is_a_400():
     with pytest.raises(BadRequest, match="lone surrogate"):
         dump({"content": "hi \ud800"})
     assert dump({"content": "hi é"}) == '{"content": "hi é"}'.encode()
+
+
+def test_a_system_message_before_the_template_is_not_taken_for_the_warmed_head():
+    raw = chat({"role": "system", "content": "Be terse."}, user("@code How?"))
+
+    match = find("POST", "/v1/chat/completions", raw, PREFIXES)
+
+    assert (match.prefix, match.warm) == ("@code", False)
+    assert expanded(match)["messages"][1]["content"] == "Before. How? After."

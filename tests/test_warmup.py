@@ -376,6 +376,29 @@ def test_with_llama_cpp_s_defaults_requests_go_unpinned_to_its_own_cache(app, ll
     assert any("--slot-save-path" in note for note in mode["notes"])
 
 
+def test_a_follow_up_turn_keeps_the_template_and_reuses_the_cache(app, llama, client):
+    # Issue 11.4: the follow-up was sent with the opening message raw, evaluated in full.
+    warmer(app).check()
+    first = ask(client, "@code How do I reverse a list?")
+    history = [
+        {"role": "user", "content": "@code How do I reverse a list?"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "And in place?"},
+    ]
+
+    answer = client.post(
+        "/v1/chat/completions", data=json.dumps({"messages": history}), buffered=True
+    )
+
+    head = len((SYSTEM + CODE.split("<")[0]).split())
+    assert first.headers["X-Bioproxy-Cache"] == answer.headers["X-Bioproxy-Cache"] == "slot"
+    sent = llama.chats[-1]["messages"]
+    assert sent[0]["content"] == llama.chats[0]["messages"][0]["content"]  # as on turn one
+    assert sent[2]["content"] == "And in place?"
+    timings = answer.get_json()["timings"]
+    assert timings["cache_n"] >= head and timings["prompt_n"] <= 4
+
+
 def test_admin_can_ask_for_a_warmup(app, llama, admin):
     warmer(app).check()
 
