@@ -35,6 +35,7 @@ class SavedCaches:
         # Whether llama-server's slot API last answered that it cannot save or restore
         # (501: started without --slot-save-path).
         self.unsupported = False
+        self.unsaved = set()  # templates a save was refused for with 501, said once each
 
     def find(self, prefix, template):
         """The saved entry for this template version on the loaded model, or None."""
@@ -58,7 +59,8 @@ class SavedCaches:
                 )
         except SlotsUnsupported as e:
             self.metrics.saves.labels(prefix, "failed").inc()
-            if not self.unsupported:
+            if prefix not in self.unsaved:  # said once per template
+                self.unsaved.add(prefix)
                 log.warning("template %s not saved (no --slot-save-path?): %s", prefix, e)
             self.unsupported = True
             return

@@ -20,6 +20,10 @@ import requests
 # About 2,700 tokens: llama-server reads them for ~12 s on 2 cores.
 LONG_PROMPT = " ".join(f"word{i}" for i in range(700))
 STARTED, RELEASED = "launch_slot_", "stop processing"
+# llama-server looks for closed connections about once a second and stops after the batch
+# under way (-b 256: up to a second more on a slow 2-core CPU). Measured 0.5 to 2.1 s on an
+# Intel Xeon, 0.7 to 1.4 s on an AMD EPYC; without bioproxy's watch, the whole prompt (9 s).
+RELEASED_WITHIN = 3
 
 
 def send_raw(proxy, path, body):
@@ -98,30 +102,30 @@ def leave(llama, proxy, path, body, busy_for):
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "not-streamed"])
-def test_a_client_leaving_while_its_prompt_is_read_frees_the_slot_within_2_s(
+def test_a_client_leaving_while_its_prompt_is_read_frees_the_slot_within_3_s(
     llama, bioproxy, stream
 ):
     body = {"prompt": LONG_PROMPT, "n_predict": 8, "stream": stream, "cache_prompt": False}
 
     seconds = leave(llama, bioproxy, "/completion", body, busy_for=1.3)
 
-    assert seconds is not None and seconds < 2
+    assert seconds is not None and seconds < RELEASED_WITHIN
     assert_served_again(bioproxy)
 
 
-def test_a_client_leaving_a_non_streamed_generation_frees_the_slot_within_2_s(llama, bioproxy):
+def test_a_client_leaving_a_non_streamed_generation_frees_the_slot_within_3_s(llama, bioproxy):
     body = {"prompt": "Count to a thousand:", "n_predict": 3000, "ignore_eos": True}
 
     seconds = leave(llama, bioproxy, "/completion", body, busy_for=2.3)
 
-    assert seconds is not None and seconds < 2
+    assert seconds is not None and seconds < RELEASED_WITHIN
     assert_served_again(bioproxy)
 
 
-def test_a_client_leaving_a_chat_request_frees_the_slot_within_2_s(llama, bioproxy):
+def test_a_client_leaving_a_chat_request_frees_the_slot_within_3_s(llama, bioproxy):
     body = {"messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 8}
 
     seconds = leave(llama, bioproxy, "/v1/chat/completions", body, busy_for=1.7)
 
-    assert seconds is not None and seconds < 2
+    assert seconds is not None and seconds < RELEASED_WITHIN
     assert_served_again(bioproxy)

@@ -86,7 +86,7 @@ def slots_busy(llama):
     ]
 
 
-def test_client_leaving_mid_stream_frees_the_slot_within_2_s(llama, bioproxy):
+def test_client_leaving_mid_stream_frees_the_slot_within_3_s(llama, bioproxy):
     request = json.dumps(LONG_STREAM).encode()
     client = socket.create_connection(("127.0.0.1", bioproxy.proxy_port))
     client.sendall(
@@ -105,7 +105,9 @@ def test_client_leaving_mid_stream_frees_the_slot_within_2_s(llama, bioproxy):
         time.sleep(0.05)
 
     assert not slots_busy(llama)
-    assert time.monotonic() - closed < 2
+    # llama-server looks for closed connections about once a second, and stops after the
+    # batch under way: within 2 s on an AMD EPYC, up to 3 s on a slower Intel Xeon.
+    assert time.monotonic() - closed < 3
 
 
 @pytest.fixture

@@ -80,3 +80,26 @@ def test_templated_requests_evaluate_only_the_user_s_words(tmp_path, slot_folder
             assert timings["cache_n"] > 200 and timings["prompt_n"] < 40, brief
             assert cache != "cold", brief
     assert misses == 0, log
+
+
+def test_a_follow_up_turn_keeps_the_template_and_evaluates_only_its_new_words(tmp_path):
+    # Issue 11.4: the follow-up went with the opening message raw, the template gone.
+    work, config = workdir(tmp_path)
+    with users_llama(tmp_path) as llama, Bioproxy(llama.url, work, config) as bp:
+        wait_until(lambda: bp.templates()["@code"]["state"] == "warm", what="@code warm")
+        opening = {"role": "user", "content": "@code How do I reverse a list?"}
+        first = chat(bp, opening["content"])
+        reply = first.json()["choices"][0]["message"]["content"]
+        turns = [opening, {"role": "assistant", "content": reply}]
+        body = {
+            "messages": [*turns, {"role": "user", "content": "And in place?"}],
+            "temperature": 0,
+            "max_tokens": 4,
+        }
+        answer = requests.post(bp.proxy_url + "/v1/chat/completions", json=body, timeout=120)
+
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["X-Bioproxy-Template"] == "@code"
+    timings = answer.json()["timings"]
+    # The template and the first turn reused: the reply and the new words evaluated.
+    assert timings["cache_n"] > 900 and timings["prompt_n"] < 40, timings
