@@ -12,7 +12,7 @@ from .caches import SavedCaches
 from .gate import Gate
 from .prompts import Prompts
 from .registry import Registry
-from .scheduler import Scheduler
+from .scheduler import GRANTED, WARMUP, Scheduler, Ticket
 from .slot_api import SlotApi
 from .slot_table import UNKNOWN, SlotTable
 from .upstream import BackendError, Upstream
@@ -20,6 +20,8 @@ from .warmer import Warmer
 from .warmth import Warmth
 
 log = logging.getLogger(__name__)
+
+PROBE_PROMPT = "Hi"  # what probe_clearing() evaluates in another slot
 
 
 def get_backend():
@@ -47,15 +49,15 @@ class Slots:
         """Whether the slot still holds this template version."""
         if self.table.holding(slot) != prefix:
             return False  # no need to ask
-        states = self._fetch_states()
+        states = self.fetch_states()
         return self.table.holds(slot, prefix, digest, states.get(slot, UNKNOWN))
 
     def mark(self, slot, prefix, digest, ran=False):
         """Record that the slot holds this template version now (see SlotTable.mark)."""
-        states = self._fetch_states()
+        states = self.fetch_states()
         self.table.mark(slot, prefix, digest, states.get(slot, UNKNOWN), ran)
 
-    def _fetch_states(self):
+    def fetch_states(self):
         states = self.api.fetch_states()
         self.table.observe(states)
         return states
@@ -95,6 +97,7 @@ class Backend:
         self.gate = Gate(settings.warmup_only_when_idle, on_idle=self.warmer.resume_when_idle)
         registry = Registry(paths.state_dir, paths.slot_save_path)
         self.caches = SavedCaches(registry, self.slots, self.prompts, metrics, self.discarded)
+        self.probed = False  # whether probe_clearing() has asked llama-server
 
     def open(self):
         """Read what was saved; forget the files of templates no longer configured."""
@@ -108,21 +111,49 @@ class Backend:
         """Whether requests are pinned to the slot bioproxy chose for them (id_slot).
 
         Not when llama-server clears idle slots (a unified KV cache with --cache-idle-slots,
-        its defaults when -np is not given) and cannot restore a saved file (no
-        --slot-save-path): a slot bioproxy chose is then empty, and llama-server loads a
-        request pinned to an empty slot from nothing, while it places an unpinned one
-        where its own RAM cache (--cache-ram) gives it the template back.
+        its defaults when -np is not given): any task that starts empties every idle slot,
+        so a slot bioproxy found holding the template, or restored it into, may be empty
+        by the time the request starts there, and llama-server evaluates a request pinned
+        to an empty slot from nothing. An unpinned one it places where the template is: in
+        a slot that holds it, or from its RAM cache (--cache-ram), to which it copies each
+        slot it clears.
         """
-        pins = not (self.slots.table.cleared and self.caches.unsupported)
+        pins = not self.slots.table.cleared
         if pins == self.scheduler.placed_by_server:  # it changes: said once each time
             log.warning(
-                "llama-server clears idle slots and cannot restore (no --slot-save-path): "
-                "requests go unpinned, to its own RAM cache"
+                "llama-server clears idle slots (a unified KV cache): requests go unpinned, "
+                "for it to place where the template is (its RAM cache keeps cleared slots)"
                 if not pins
                 else "requests are pinned to their slots again"
             )
         self.scheduler.placed_by_server = not pins
         return pins
+
+    def probe_clearing(self, slot):
+        """Find out once whether llama-server empties idle slots when a task starts.
+
+        Right after an evaluation left slot full: a one-token completion in another free
+        slot, then GET /slots shows whether slot still holds what it did. Otherwise it is
+        learnt only once a cleared slot is seen, and a request sent before, pinned to a
+        slot that another task's start emptied meanwhile, is evaluated in full.
+        """
+        if self.probed or self.slots.table.cleared or self.slots.table.count < 2:
+            return
+        ticket = self.scheduler.submit(Ticket(WARMUP, label="warmup"))
+        if ticket.outcome != GRANTED or ticket.slot == slot:
+            self.scheduler.leave(ticket)
+            self.scheduler.release(ticket)
+            return  # no other slot free now: at a later warmup
+        self.probed = True
+        try:
+            self.prompts.complete(ticket.slot, PROBE_PROMPT)
+            self.slots.forget(ticket.slot)
+            self.slots.fetch_states()  # a cleared slot is noticed there
+        except BackendError as e:
+            log.warning("cannot find out whether llama-server clears idle slots: %s", e)
+        finally:
+            self.scheduler.release(ticket)
+        log.info("llama-server %s idle slots", "clears" if self.slots.table.cleared else "keeps")
 
     def mode(self):
         """What bioproxy found out about this llama-server, and what that takes away."""
@@ -138,11 +169,8 @@ class Backend:
             notes.append(
                 "llama-server clears idle slots (a unified KV cache, its default without "
                 "-np): "
-                + (
-                    "templated requests go unpinned, to its own RAM cache (--cache-ram)"
-                    if not pins
-                    else "a cleared template is restored from its file"
-                )
+                + "requests go unpinned, for it to place where its RAM cache (--cache-ram) "
+                "or a slot holds the template"
             )
         return {
             "pinned": pins,

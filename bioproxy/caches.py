@@ -105,6 +105,9 @@ class SavedCaches:
             self._failed(entry.prefix, slot, f"{saved['file']}: {spoiled}")
             self.discard(entry.prefix, saved)
             return False
+        # Whatever the slot held is replaced, without a task to show it: not to be taken
+        # for llama-server clearing it.
+        self.slots.forget(slot)
         try:
             tokens = self.slots.api.restore(slot, saved["file"])
         except SlotFileRejected as e:

@@ -89,10 +89,12 @@ def _made_ready(backend, ticket, expansion):
         return "cold"  # not placed by bioproxy, or not a chat request
     # A slot that held the template still does unless another task ran there since.
     if backend.slots.holds(ticket.slot, entry.prefix, template.digest):
-        return "slot"
-    if not backend.pins():
-        return "server"  # llama-server places it, and reuses its own copy if it has one
+        return "server" if not backend.pins() else "slot"
     warmth = backend.warmth[entry.prefix]
+    if not backend.pins() and backend.caches.unsupported:
+        return "server"  # llama-server places it, and reuses its own copy if it has one
+    # Unpinned too when llama-server clears idle slots: the restored slot, or the copy of
+    # it llama-server keeps in its RAM cache when it clears it, is where it places it.
     return backend.caches.restore_for_request(entry, warmth, template, ticket.slot)
 
 

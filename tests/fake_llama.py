@@ -5,6 +5,7 @@ import re
 
 import responses
 
+from bioproxy.backend import PROBE_PROMPT
 from tests.conftest import BACKEND
 
 SYSTEM = "<sys>"
@@ -25,6 +26,7 @@ class FakeLlama:
         self.evaluated = []  # (slot, prompt) of each /completion but restore checks
         self.checks = []  # (slot, prompt) of each completion of what a restore just loaded
         self.restored = set()  # slots whose last action was a restore
+        self.probes = []  # slots of bioproxy's completions that ask whether slots are cleared
         self.actions = []  # (action, slot, filename)
         self.chats = []  # request bodies of chat completions
         self.busy = set()  # slots that GET /slots shows as processing
@@ -108,7 +110,10 @@ class FakeLlama:
         # Reused: what the slot holds, if the prompt starts with it; never the last token.
         cached = min(len(held.split()), n - 1) if held and prompt.startswith(held) else 0
         checked = slot in self.restored and cached == n - 1
-        (self.checks if checked else self.evaluated).append((slot, prompt))
+        if prompt == PROBE_PROMPT:
+            self.probes.append(slot)  # bioproxy asking whether idle slots are cleared
+        else:
+            (self.checks if checked else self.evaluated).append((slot, prompt))
         self._task(slot, prompt)
         answer = {
             "content": "",
@@ -148,10 +153,14 @@ class FakeLlama:
         self.chats.append(body)
         prompt = self.render(body["messages"])
         slot = body.get("id_slot")
-        if slot is None:  # placed by llama-server: a free slot, loaded from the RAM cache
-            slot = min(s for s in self.contents if s not in self.busy)
+        if slot is None:  # placed by llama-server: a slot that holds the prompt's start,
+            free = [s for s in self.contents if s not in self.busy]
+            holding = [s for s in free if self.contents[s] and prompt.startswith(self.contents[s])]
+            slot = holding[0] if holding else free[0]
             cached = [text for text in self.ram if text and prompt.startswith(text)]
-            if cached:
+            if not holding and cached:  # else one loaded from the RAM cache, whose own
+                if self.contents[slot]:  # content is kept there first
+                    self.ram.append(self.contents[slot])
                 self.contents[slot] = max(cached, key=len)
         held = self.contents[slot]
         cached = len(held.split()) if held and prompt.startswith(held) else 0
