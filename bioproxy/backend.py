@@ -12,7 +12,7 @@ from .caches import SavedCaches
 from .gate import Gate
 from .prompts import Prompts
 from .registry import Registry
-from .scheduler import GRANTED, WARMUP, Scheduler, Ticket
+from .scheduler import Scheduler
 from .slot_api import SlotApi
 from .slot_table import UNKNOWN, SlotTable
 from .upstream import BackendError, Upstream
@@ -20,8 +20,6 @@ from .warmer import Warmer
 from .warmth import Warmth
 
 log = logging.getLogger(__name__)
-
-PROBE_PROMPT = "Hi"  # what probe_clearing() evaluates in another slot
 
 
 def get_backend():
@@ -97,7 +95,6 @@ class Backend:
         self.gate = Gate(settings.warmup_only_when_idle, on_idle=self.warmer.resume_when_idle)
         registry = Registry(paths.state_dir, paths.slot_save_path)
         self.caches = SavedCaches(registry, self.slots, self.prompts, metrics, self.discarded)
-        self.probed = False  # whether probe_clearing() has asked llama-server
 
     def open(self):
         """Read what was saved; forget the files of templates no longer configured."""
@@ -128,32 +125,6 @@ class Backend:
             )
         self.scheduler.placed_by_server = not pins
         return pins
-
-    def probe_clearing(self, slot):
-        """Find out once whether llama-server empties idle slots when a task starts.
-
-        Right after an evaluation left slot full: a one-token completion in another free
-        slot, then GET /slots shows whether slot still holds what it did. Otherwise it is
-        learnt only once a cleared slot is seen, and a request sent before, pinned to a
-        slot that another task's start emptied meanwhile, is evaluated in full.
-        """
-        if self.probed or self.slots.table.cleared or self.slots.table.count < 2:
-            return
-        ticket = self.scheduler.submit(Ticket(WARMUP, label="warmup"))
-        if ticket.outcome != GRANTED or ticket.slot == slot:
-            self.scheduler.leave(ticket)
-            self.scheduler.release(ticket)
-            return  # no other slot free now: at a later warmup
-        self.probed = True
-        try:
-            self.prompts.complete(ticket.slot, PROBE_PROMPT)
-            self.slots.forget(ticket.slot)
-            self.slots.fetch_states()  # a cleared slot is noticed there
-        except BackendError as e:
-            log.warning("cannot find out whether llama-server clears idle slots: %s", e)
-        finally:
-            self.scheduler.release(ticket)
-        log.info("llama-server %s idle slots", "clears" if self.slots.table.cleared else "keeps")
 
     def mode(self):
         """What bioproxy found out about this llama-server, and what that takes away."""

@@ -108,7 +108,6 @@ class Warmups:
         # After the save: what the slot last ran is then what bioproxy saw last.
         backend.slots.mark(slot, entry.prefix, template.digest, ran=True)
         self.warmed(run, warmth, tokens, evaluated)
-        backend.probe_clearing(slot)
 
     def superseded(self, run):
         # The pass that read the edit made the template stale, and that stands.

@@ -5,7 +5,6 @@ import re
 
 import responses
 
-from bioproxy.backend import PROBE_PROMPT
 from tests.conftest import BACKEND
 
 SYSTEM = "<sys>"
@@ -26,7 +25,6 @@ class FakeLlama:
         self.evaluated = []  # (slot, prompt) of each /completion but restore checks
         self.checks = []  # (slot, prompt) of each completion of what a restore just loaded
         self.restored = set()  # slots whose last action was a restore
-        self.probes = []  # slots of bioproxy's completions that ask whether slots are cleared
         self.actions = []  # (action, slot, filename)
         self.chats = []  # request bodies of chat completions
         self.busy = set()  # slots that GET /slots shows as processing
@@ -110,10 +108,7 @@ class FakeLlama:
         # Reused: what the slot holds, if the prompt starts with it; never the last token.
         cached = min(len(held.split()), n - 1) if held and prompt.startswith(held) else 0
         checked = slot in self.restored and cached == n - 1
-        if prompt == PROBE_PROMPT:
-            self.probes.append(slot)  # bioproxy asking whether idle slots are cleared
-        else:
-            (self.checks if checked else self.evaluated).append((slot, prompt))
+        (self.checks if checked else self.evaluated).append((slot, prompt))
         self._task(slot, prompt)
         answer = {
             "content": "",

@@ -306,9 +306,9 @@ def test_a_slot_llama_server_cleared_while_idle_is_not_taken_for_warm(app, llama
     # llama-server clears every idle slot when a task starts, keeping its task id; only
     # GET /slots's token count shows it. Such a slot was sent requests as "slot", cold.
     llama.clears_idle_slots = True
-    warmer(app).check()  # a probe after @code's evaluation cleared @code's slot
+    warmer(app).check()  # @review's evaluation cleared @code's slot
     code_slot = llama.evaluated[0][0]
-    assert llama.probes and llama.probes[0] != code_slot
+    assert llama.contents[code_slot] == ""
     assert backend(app).slots.table.cleared  # seen at once
 
     answer = ask(client, "@code Why?")
