@@ -33,6 +33,7 @@ class Slots:
     def __init__(self, table, api):
         self.table = table
         self.api = api
+        self.told_cleared = False  # what the log last said of table.cleared
 
     def refresh(self):
         """Read /props and /slots; True when llama-server restarted or changed its model."""
@@ -41,14 +42,18 @@ class Slots:
         except BackendError:
             self.table.unreachable()
             raise
-        return self.table.update(props, slots, time.time())
+        restarted = self.table.update(props, slots, time.time())
+        self._tell_clearing()
+        return restarted
 
     def holds(self, slot, prefix, digest):
         """Whether the slot still holds this template version."""
         if self.table.holding(slot) != prefix:
             return False  # no need to ask
         states = self.fetch_states()
-        return self.table.holds(slot, prefix, digest, states.get(slot, UNKNOWN))
+        held = self.table.holds(slot, prefix, digest, states.get(slot, UNKNOWN))
+        self._tell_clearing()
+        return held
 
     def mark(self, slot, prefix, digest, ran=False):
         """Record that the slot holds this template version now (see SlotTable.mark)."""
@@ -58,7 +63,20 @@ class Slots:
     def fetch_states(self):
         states = self.api.fetch_states()
         self.table.observe(states)
+        self._tell_clearing()
         return states
+
+    def _tell_clearing(self):
+        """Log it once each time what bioproxy knows of idle-slot clearing changes."""
+        if self.table.cleared == self.told_cleared:
+            return
+        self.told_cleared = self.table.cleared
+        log.warning(
+            "llama-server clears idle slots (a unified KV cache): requests go unpinned, "
+            "for it to place where the template is (its RAM cache keeps cleared slots)"
+            if self.table.cleared
+            else "requests are pinned to their slots again"
+        )
 
     def forget(self, slot):
         self.table.forget(slot)
@@ -115,16 +133,7 @@ class Backend:
         a slot that holds it, or from its RAM cache (--cache-ram), to which it copies each
         slot it clears.
         """
-        pins = not self.slots.table.cleared
-        if pins == self.scheduler.placed_by_server:  # it changes: said once each time
-            log.warning(
-                "llama-server clears idle slots (a unified KV cache): requests go unpinned, "
-                "for it to place where the template is (its RAM cache keeps cleared slots)"
-                if not pins
-                else "requests are pinned to their slots again"
-            )
-        self.scheduler.placed_by_server = not pins
-        return pins
+        return not self.slots.table.cleared
 
     def mode(self):
         """What bioproxy found out about this llama-server, and what that takes away."""

@@ -32,6 +32,8 @@ class AnswerBody:
         self.tail = b""
         self.complete = False  # streamed to its end: llama-server is done with it
         self.closed = False
+        # Only a templated request's timings are read (by its lease, at the end).
+        self.keeps_tail = lease is not None and lease.template is not None
 
     def start(self):
         """Read the first chunk; the error to answer instead if llama.cpp failed before it."""
@@ -57,7 +59,7 @@ class AnswerBody:
         self.complete = True
 
     def _kept(self, chunk):
-        if self.lease is not None:  # only a slotted request's timings are read
+        if self.keeps_tail:
             self.tail = (self.tail + chunk)[-TAIL_BYTES:]
         return chunk
 

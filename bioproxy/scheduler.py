@@ -57,9 +57,6 @@ class Scheduler:
         self.arrivals = itertools.count()
         self.hold_seconds = None  # moving average of how long a slot is held
         self.on_drain = None  # called when a slot is given back with work still under way
-        # Whether requests go unpinned, llama-server placing them (see Backend.pins): a
-        # slot then stands for a place among llama-server's slots, not for that slot.
-        self.placed_by_server = False
 
     # The bookkeeping.
 
@@ -162,9 +159,10 @@ class Scheduler:
             for s in sorted(self.slots.processing)
             if s not in self.busy and self.released.get(s, 0) <= since
         ]
-        if self.placed_by_server:
-            # Requests go unpinned: llama-server may run one of bioproxy's in any slot, so
-            # only processing slots beyond bioproxy's own count are someone else's.
+        if self.slots.cleared:
+            # Requests go unpinned where llama-server clears idle slots (Backend.pins): it
+            # may run one of bioproxy's in any slot, so only processing slots beyond
+            # bioproxy's own count are someone else's.
             excess = len(self.slots.processing) - len(self.busy)
             foreign = foreign[: max(excess, 0)]
         self.foreign = set(foreign)

@@ -199,20 +199,6 @@ def test_another_model_gets_its_templates_evaluated_again(app, llama):
     assert not any(a == "restore" for a, _, _ in llama.actions)
 
 
-def test_a_restarted_bioproxy_restores_instead_of_warming(app, make_app, llama, folder):
-    warmer(app).check()
-    llama.restart()
-    again = make_app(
-        prefixes={"@code": "code.txt", "@review": "review.txt"},
-        slot_save_path=str(folder / "slots"),
-    )
-
-    warmer(again).check()
-
-    assert len(llama.evaluated) == 2
-    assert [a for a, _, _ in llama.actions].count("restore") == 2
-
-
 def restored_only(app, make_app, llama, folder):
     """A bioproxy that has only restored its templates, into a llama-server new to them."""
     warmer(app).check()
@@ -223,6 +209,13 @@ def restored_only(app, make_app, llama, folder):
     )
     warmer(again).check()
     return again
+
+
+def test_a_restarted_bioproxy_restores_instead_of_warming(app, make_app, llama, folder):
+    restored_only(app, make_app, llama, folder)
+
+    assert len(llama.evaluated) == 2
+    assert [a for a, _, _ in llama.actions].count("restore") == 2
 
 
 def test_each_restore_of_the_warmer_is_proven_by_one_completion_of_the_head(
