@@ -32,6 +32,12 @@ from .ticket import FULL, GONE, GRANTED, QUEUED, TIMEOUT, USER, WARMUP, Outcome,
 
 __all__ = ["FULL", "GONE", "GRANTED", "QUEUED", "TIMEOUT", "USER", "WARMUP", "Outcome", "Ticket"]
 
+# How long a templated request waits for the busy slot that holds its template rather
+# than evict another template from a free one: the moment between an answer's last byte
+# and its slot's release, when a client sends its next request at once (issue 11.5: it
+# was restored into the other slot, evicting that one's template).
+PATIENCE = 0.1
+
 
 class Scheduler:
     """The slots bioproxy hands out, and the requests waiting for one.
@@ -66,7 +72,7 @@ class Scheduler:
         ticket.order = next(self.arrivals)
         waiting = sum(1 for t in self.queue if t.priority == USER)
         free = self._free()
-        runs_now = bool(free) and self.choose(ticket, free) is not None
+        runs_now = bool(free) and (self.choose(ticket, free) is not None or self.patient(ticket))
         if ticket.priority == USER and waiting >= self.max_queue and not runs_now:
             self._finish(ticket, FULL)
             return ticket
@@ -130,7 +136,8 @@ class Scheduler:
 
         A slot holding the ticket's template; else the coldest: an empty slot first (plain
         requests leave their slots "empty" for bioproxy), then the least recently used
-        template's.
+        template's. A templated ticket that would evict another template while a busy slot
+        holds its own waits for that one, up to PATIENCE seconds after it arrived.
         """
         if ticket.wanted is not None:
             return ticket.wanted if ticket.wanted in free else None
@@ -138,7 +145,19 @@ class Scheduler:
             for slot in free:
                 if self.holding(slot) == ticket.template:
                     return slot
-        return min(free, key=lambda s: (self.holding(s) is not None, self.used.get(s, 0.0), s))
+        coldest = min(free, key=lambda s: (self.holding(s) is not None, self.used.get(s, 0.0), s))
+        if self.holding(coldest) is not None and self.patient(ticket):
+            return None
+        return coldest
+
+    def patient(self, ticket):
+        """Whether a templated ticket still waits for a busy slot holding its template."""
+        if ticket.template is None or ticket.arrived is None:
+            return False
+        if self.clock() - ticket.arrived >= PATIENCE:
+            return False
+        busy = set(self.busy) | self.foreign
+        return any(self.holding(s) == ticket.template for s in busy)
 
     def holding(self, slot):
         """The template prefix a slot holds, as far as bioproxy knows, or None."""
@@ -159,10 +178,11 @@ class Scheduler:
             for s in sorted(self.slots.processing)
             if s not in self.busy and self.released.get(s, 0) <= since
         ]
-        if self.slots.cleared:
-            # Requests go unpinned where llama-server clears idle slots (Backend.pins): it
-            # may run one of bioproxy's in any slot, so only processing slots beyond
-            # bioproxy's own count are someone else's.
+        if self.slots.cleared or any(not t.pinned for t in self.busy.values()):
+            # Requests go unpinned where llama-server clears idle slots (Backend.pins), and
+            # where a template has nothing to restore: llama-server may run one of
+            # bioproxy's in any slot, so only processing slots beyond bioproxy's own count
+            # are someone else's.
             excess = len(self.slots.processing) - len(self.busy)
             foreign = foreign[: max(excess, 0)]
         self.foreign = set(foreign)
@@ -242,7 +262,12 @@ class Scheduler:
                     if timeout <= 0:
                         self.expire()
                         continue
-                ticket.event.wait(timeout)
+                if self.patient(ticket):
+                    # Its patience ends before the slot it waits for may come free.
+                    patience = ticket.arrived + PATIENCE - self.clock()
+                    timeout = patience if timeout is None else min(timeout, patience)
+                if not ticket.event.wait(timeout):
+                    self.dispatch()
         except BaseException:
             # Its client left, or it was killed: never leave a ticket queued, nor a slot taken.
             self.leave(ticket, GONE)

@@ -69,9 +69,11 @@ def forward(backend, raw, body, match, expansion, send, watch=None):
                 lease = Lease(backend, ticket, expansion.entry, expansion.template)
                 lease.cache = lease.outcome = _made_ready(backend, ticket, expansion)
             data = expansion.data if expansion else raw
-            if ticket is not None and backend.pins():
-                data = _pin(data, body, ticket.slot)
-                lease.pinned = True
+            if ticket is not None:
+                ticket.pinned = backend.pins() and lease.cache != "server"
+                if ticket.pinned:
+                    data = _pin(data, body, ticket.slot)
+            lease.pinned = ticket is not None and ticket.pinned
             return send(data, lease)
     except BaseException:
         if lease is not None:
@@ -83,18 +85,22 @@ def forward(backend, raw, body, match, expansion, send, watch=None):
 
 def _made_ready(backend, ticket, expansion):
     """A templated request's cache: "slot" (its slot holds it), "restored", "server" (left
-    to llama-server's own cache, unpinned: see Backend.pins) or "cold"."""
+    to llama-server's own cache, unpinned) or "cold" (not placed by bioproxy)."""
     entry, template = expansion.entry, expansion.template
     if ticket is None or ticket.template is None:
         return "cold"  # not placed by bioproxy, or not a chat request
     # A slot that held the template still does unless another task ran there since.
     if backend.slots.holds(ticket.slot, entry.prefix, template.digest):
         return "server" if not backend.pins() else "slot"
-    warmth = backend.warmth[entry.prefix]
-    if not backend.pins() and backend.caches.unsupported:
-        return "server"  # llama-server places it, and reuses its own copy if it has one
+    if backend.caches.unsupported:
+        # No slot files: unpinned, llama-server places it and loads its own copy of the
+        # template from its RAM cache (--cache-ram) if it kept one; pinned, it would not (a
+        # task pinned to a slot never loads from that cache, llama.cpp b11434).
+        return "server"
     # Unpinned too when llama-server clears idle slots: the restored slot, or the copy of
-    # it llama-server keeps in its RAM cache when it clears it, is where it places it.
+    # it llama-server keeps in its RAM cache when it clears it, is where it places it. A
+    # restore that fails leaves it pinned and cold: it then fills its slot.
+    warmth = backend.warmth[entry.prefix]
     return backend.caches.restore_for_request(entry, warmth, template, ticket.slot)
 
 

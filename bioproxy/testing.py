@@ -14,7 +14,62 @@ import time
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from .llamacpp import LlamaServer
+from .templates import load
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+# llama-server as its users start it: the flags after `llama-server -m MODEL --host H
+# --port P`, and whether it gets a --slot-save-path folder (issue 11). --no-kv-unified
+# alone changes nothing in llama.cpp b11434 (automatic slots turn the unified cache on):
+# it is tried with -np, as users who want it write it.
+BACKEND_KEY = "llama-secret"
+USERS_CONFIGS = {
+    "defaults": ([], False),
+    "slot-save-path": ([], True),
+    **{f"np{n}": (["-np", str(n)], False) for n in (1, 2, 4, 8)},
+    "np2-slot-save-path": (["-np", "2"], True),
+    "cache-ram-0": (["--cache-ram", "0"], False),
+    "np1-cache-ram-0-slot-save-path": (["-np", "1", "--cache-ram", "0"], True),
+    "np2-kv-unified": (["-np", "2", "--kv-unified"], False),
+    "np4-no-kv-unified": (["-np", "4", "--no-kv-unified"], False),
+    "no-cache-idle-slots": (["--no-cache-idle-slots"], False),
+    "api-key": (["--api-key", BACKEND_KEY], True),
+}
+
+# Templated (the example templates: @code ~900 tokens, @review ~270) and plain requests
+# in turn.
+MIXED_SEQUENCE = [
+    "@code How do I reverse a list?",
+    "What is the capital of France?",
+    "@review def f(x): return x*2",
+    "@code How do I sort a dict by value?",
+    "Name three colours.",
+    "@code What does zip do?",
+    "@review for i in range(len(xs)): print(xs[i])",
+]
+
+
+def users_llama(folder, args, slot_folder=None):
+    """A llama-server started as its users start it, with these flags (its log in folder)."""
+    return LlamaServer(
+        free_port(),
+        defaults=True,
+        slot_save_path=str(slot_folder) if slot_folder else None,
+        log_path=os.path.join(folder, "llama-server.log"),
+        extra_args=args,
+    )
+
+
+def expanded(workdir, text):
+    """A user's text as its template expands it (the config in workdir), or as it is."""
+    prefix, _, words = text.partition(" ")
+    with open(os.path.join(workdir, "config.json")) as f:
+        prefixes = json.load(f)["prefixes"]
+    if prefix not in prefixes:
+        return text
+    return load(prefix, prefixes[prefix], str(workdir), str(workdir), 1 << 20).render(words)
 
 
 def free_port():

@@ -1,6 +1,7 @@
 """The scheduler's bookkeeping with a controllable clock, and its waiting with gevent."""
 
 import random
+import time
 
 import gevent
 import pytest
@@ -10,6 +11,7 @@ from bioproxy.scheduler import (
     FULL,
     GONE,
     GRANTED,
+    PATIENCE,
     QUEUED,
     TIMEOUT,
     USER,
@@ -86,6 +88,47 @@ def test_without_its_template_a_request_evicts_an_empty_slot_first_then_the_cold
     assert scheduler.submit(user("@c")).slot == 2  # the empty one
     scheduler.slots.held[2] = ("@c", "digest", 0)
     assert scheduler.submit(user("@d")).slot == 1  # @b's, least recently used
+
+
+def test_a_templated_request_waits_briefly_for_its_busy_slot_rather_than_evict_another():
+    # Issue 11.5: sent as soon as the previous answer ended, before its slot was given
+    # back, a request was restored into the other slot and evicted that one's template.
+    scheduler = make(count=2, held={0: "@a", 1: "@b"})
+    previous = scheduler.submit(user("@a"))  # slot 0, its answer ending
+
+    waiting = scheduler.submit(user("@a"))
+    assert waiting.outcome == QUEUED  # slot 1 is free, but holds @b
+    assert scheduler.invariants() == []
+    plain = scheduler.submit(user())  # holds no one else up
+    assert (plain.outcome, plain.slot) == (GRANTED, 1)
+    scheduler.release(plain)
+    scheduler.release(previous)
+    assert (waiting.outcome, waiting.slot) == (GRANTED, 0)
+
+
+def test_past_its_patience_a_templated_request_takes_another_template_s_slot():
+    scheduler = make(count=2, held={0: "@a", 1: "@b"})
+    scheduler.submit(user("@a"))  # slot 0, busy with a long answer
+    waiting = scheduler.submit(user("@a"))
+
+    scheduler.clock.now += PATIENCE
+    scheduler.dispatch()
+
+    assert (waiting.outcome, waiting.slot) == (GRANTED, 1)
+
+
+def test_an_empty_free_slot_is_taken_at_once_while_the_template_s_slot_is_busy():
+    scheduler = make(count=3, held={0: "@a", 1: "@b"})
+    scheduler.submit(user("@a"))
+
+    assert scheduler.submit(user("@a")).slot == 2  # evicts nothing: no reason to wait
+
+
+def test_a_full_queue_does_not_refuse_a_request_that_only_waits_for_its_template_s_slot():
+    scheduler = make(count=2, held={0: "@a", 1: "@b"}, max_queue=0)
+    scheduler.submit(user("@a"))
+
+    assert scheduler.submit(user("@a")).outcome == QUEUED
 
 
 def test_a_plain_request_leaves_hot_templates_alone_when_it_can():
@@ -188,6 +231,25 @@ def test_slots_busy_with_work_bioproxy_did_not_give_out_are_left_alone_until_idl
     assert (other.outcome, other.slot) == (GRANTED, 1)
 
 
+def test_an_unpinned_request_running_in_another_slot_is_not_taken_for_foreign_work():
+    # Sent without id_slot (nothing to restore its template from), llama-server ran the
+    # request granted slot 0 in slot 1: only processing beyond bioproxy's count is foreign.
+    scheduler = make(count=3)
+    unpinned = scheduler.submit(user("@code"))
+    unpinned.pinned = False
+    scheduler.slots.processing = {1}
+
+    scheduler.update_foreign()
+
+    assert scheduler.foreign == set()
+    scheduler.slots.processing = {1, 2}  # and one more task of someone else's
+    scheduler.update_foreign()
+    assert len(scheduler.foreign) == 1
+    scheduler.release(unpinned)
+    scheduler.update_foreign()  # all pinned again: slot by slot
+    assert scheduler.foreign == {1, 2}
+
+
 def test_releasing_twice_frees_the_slot_once():
     scheduler = make(count=1)
     first = scheduler.submit(user())
@@ -243,6 +305,17 @@ def test_acquire_raises_503s_for_a_full_queue_and_a_long_wait():
     assert full.value.status == late.value.status == 503
     assert full.value.retry_after >= 1
     assert scheduler.queue == []
+
+
+def test_acquire_takes_another_slot_once_its_patience_is_over():
+    scheduler = Scheduler(Slots(2, {0: "@a", 1: "@b"}), max_queue=4, max_wait=30)
+    scheduler.submit(user("@a"))  # slot 0, never released here
+    started = time.monotonic()
+
+    slot = gevent.spawn(scheduler.acquire, user("@a")).get(timeout=5)
+
+    assert slot == 1
+    assert time.monotonic() - started >= PATIENCE
 
 
 def test_acquire_leaves_the_queue_at_once_when_the_client_goes():

@@ -149,11 +149,19 @@ def test_without_slot_save_path_templates_warm_but_are_not_saved(app, llama, cli
     assert answer.headers["X-Bioproxy-Cache"] == "slot"
     assert sample(admin, "bioproxy_slot_saves_total", template="@code", outcome="failed") == 1
     assert backend(app).caches.registry.entries == {}
-    # Pushed out, there is nothing to restore from: cold, and no restore attempted.
+    # Pushed out, there is nothing to restore from: no restore attempted, and the request
+    # goes unpinned, left to llama-server's own cache (a RAM copy, when it kept one): a
+    # request pinned to a slot never loads from it.
     llama.run_other_task(llama.chats[-1]["id_slot"])
     llama.actions.clear()
-    assert ask(client, "@code Again?").headers["X-Bioproxy-Cache"] == "cold"
+    answer = ask(client, "@code Again?")
+    assert answer.headers["X-Bioproxy-Cache"] == "server"
     assert llama.actions == []
+    assert "id_slot" not in llama.chats[-1]
+    # Counted as what it was: this llama-server kept no copy, and evaluated the template.
+    assert answer.get_json()["timings"]["cache_n"] == 0
+    assert sample(admin, "bioproxy_template_requests_total", template="@code", cache="cold") == 1
+    assert sample(admin, "bioproxy_template_cache_misses_total", template="@code") == 0
 
 
 def test_an_edited_template_is_warmed_again_and_its_old_file_deleted(app, llama, folder):

@@ -1,0 +1,145 @@
+"""bioproxy in front of llama-server started each way its users start it, side by side.
+
+For each configuration (bioproxy.testing.USERS_CONFIGS): the mixed sequence of templated
+and plain requests, streamed, once through bioproxy (after its warmups) and once straight
+to a new llama-server of the same configuration with the same expanded messages. Prints,
+per configuration, the median time to the first token of the templated requests through
+bioproxy against the same requests to llama-server with no cache (cold), and the prompt
+tokens llama-server evaluated for the whole sequence both ways.
+
+Run:    .venv/bin/python -m bench.configs [--only defaults np2 ...]
+Prints a Markdown table for docs/BENCHMARKS.md.
+"""
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from bioproxy.testing import (
+    BACKEND_KEY,
+    EXAMPLES,
+    MIXED_SEQUENCE,
+    USERS_CONFIGS,
+    Bioproxy,
+    expanded,
+    users_llama,
+    wait_until,
+)
+
+
+def stream(url, content, key=None, **extra):
+    """(ms to the first token's event, the answer's timings) of one streamed chat."""
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": 8,
+        "stream": True,
+        **extra,
+    }
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    started = time.perf_counter()
+    first, timings = None, None
+    with requests.post(
+        url + "/v1/chat/completions", json=body, headers=headers, stream=True, timeout=300
+    ) as answer:
+        answer.raise_for_status()
+        for line in answer.iter_lines():
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            delta = (event.get("choices") or [{}])[0].get("delta", {})
+            if first is None and delta.get("content"):
+                first = (time.perf_counter() - started) * 1000
+            timings = event.get("timings", timings)
+    return first, timings
+
+
+def measure(folder, name):
+    args, has_folder = USERS_CONFIGS[name]
+    key = BACKEND_KEY if "--api-key" in args else None
+    work = folder / "bioproxy"
+    shutil.copytree(EXAMPLES, work)
+    config = {**json.loads((work / "config.json").read_text()), "warmup_check_interval": 1}
+    slots = folder / "slots" if has_folder else None
+    if slots:
+        config["slot_save_path"] = str(slots)
+    if key:
+        config["backend_api_key"] = key
+    with users_llama(folder, args, slots) as server, Bioproxy(server.url, work, config) as bp:
+        warm = lambda: all(t["state"] == "warm" for t in bp.templates().values())  # noqa: E731
+        wait_until(warm, timeout=300, what="every template warm")
+        through = [stream(bp.proxy_url, text) for text in MIXED_SEQUENCE]
+    (folder / "alone").mkdir()
+    with users_llama(folder / "alone", args, slots and folder / "alone-slots") as server:
+        direct = [stream(server.url, expanded(work, text), key) for text in MIXED_SEQUENCE]
+        cold = [
+            stream(server.url, expanded(work, text), key, cache_prompt=False)[0]
+            for text in MIXED_SEQUENCE
+            if text.startswith("@")
+        ]
+    sent = zip(through, MIXED_SEQUENCE, strict=True)
+    templated = [ms for (ms, _), text in sent if text.startswith("@")]
+    return {
+        "warm_ms": statistics.median(templated),
+        "cold_ms": statistics.median(cold),
+        "tokens": sum(t["prompt_n"] for _, t in through),
+        "tokens_alone": sum(t["prompt_n"] for _, t in direct),
+    }
+
+
+def cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = (line.split(":", 1)[1] for line in f if line.startswith("model name"))
+            return next(names).strip()
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def report(results):
+    templated = sum(1 for text in MIXED_SEQUENCE if text.startswith("@"))
+    lines = [
+        f"{cpu()}: per configuration, {len(MIXED_SEQUENCE)} requests ({templated} "
+        "templated, the others plain), `max_tokens` 8, streamed.",
+        "",
+        "| llama-server started with | warm TTFT | cold TTFT | warm ÷ cold "
+        "| prompt tokens, bioproxy | llama-server alone | bioproxy ÷ alone |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        args, has_folder = USERS_CONFIGS[name]
+        words = [("K" if a == BACKEND_KEY else a) for a in args]
+        words += ["--slot-save-path DIR"] if has_folder else []
+        flags = f"`{' '.join(words)}`" if words else "(defaults)"
+        lines.append(
+            f"| {flags} | {r['warm_ms']:.0f} ms | {r['cold_ms']:.0f} ms "
+            f"| {r['warm_ms'] / r['cold_ms']:.2f} | {r['tokens']} | {r['tokens_alone']} "
+            f"| {r['tokens'] / r['tokens_alone']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=list(USERS_CONFIGS), default=None)
+    names = parser.parse_args().only or list(USERS_CONFIGS)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            folder = Path(tmp) / name
+            folder.mkdir()
+            results[name] = measure(folder, name)
+            print(f"{name}: {results[name]}", flush=True)
+    print()
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
