@@ -19,6 +19,9 @@ traffic, through invariants()):
 4. No ticket waits while a free slot would take it: dispatch() runs after every change
    (a submit, a release, a leave, a new picture of the foreign slots), and grants free
    slots to the queue in order. A ticket that names a busy slot holds no one else up.
+   Except for patience: a templated ticket whose template a busy slot holds may wait up
+   to PATIENCE s for it instead of evicting another template, keeping the free slot it
+   would take from the tickets behind it; its own acquire() dispatches when that ends.
 5. At most max_queue users wait, however many warmups do.
 6. release() gives a slot back once: a second call for the same ticket does nothing.
 """
@@ -63,6 +66,7 @@ class Scheduler:
         self.arrivals = itertools.count()
         self.hold_seconds = None  # moving average of how long a slot is held
         self.on_drain = None  # called when a slot is given back with work still under way
+        self.unpinned_released = 0  # the value of releases when an unpinned ticket last was
 
     # The bookkeeping.
 
@@ -72,10 +76,15 @@ class Scheduler:
         ticket.order = next(self.arrivals)
         waiting = sum(1 for t in self.queue if t.priority == USER)
         free = self._free()
-        runs_now = bool(free) and (self.choose(ticket, free) is not None or self.patient(ticket))
-        if ticket.priority == USER and waiting >= self.max_queue and not runs_now:
+        runs_now = bool(free) and self._best(ticket, free) is not None
+        full = ticket.priority == USER and waiting >= self.max_queue
+        if full and not runs_now:
             self._finish(ticket, FULL)
             return ticket
+        # No patience for a ticket that names its slot, nor past a full queue: it takes
+        # the free slot at once rather than wait beyond max_queue.
+        if ticket.template is not None and ticket.wanted is None and not full:
+            ticket.patient_until = ticket.arrived + PATIENCE
         self.queue.append(ticket)
         self.queue.sort(key=lambda t: (t.priority, t.order))
         self.dispatch()
@@ -97,6 +106,8 @@ class Scheduler:
                     self.on_drain()
         self.releases += 1
         self.released[ticket.slot] = self.releases
+        if not ticket.pinned:
+            self.unpinned_released = self.releases
         if ticket.priority == USER:  # Retry-After speaks of requests, not warmups
             held = self.clock() - ticket.granted_at
             average = self.hold_seconds
@@ -121,23 +132,36 @@ class Scheduler:
 
     def dispatch(self):
         """Grant free slots to waiting tickets, in order; called whenever either changes."""
-        for ticket in list(self.queue):
-            free = self._free()
-            if not free:
-                break
-            slot = self.choose(ticket, free)
-            if slot is not None:
-                self.queue.remove(ticket)
-                self._grant(ticket, slot)
+        for ticket, slot in self._plan():
+            self.queue.remove(ticket)
+            self._grant(ticket, slot)
         self._update_gauges()
 
-    def choose(self, ticket, free):
-        """The free slot a ticket should take, or None if it must wait.
+    def _plan(self):
+        """The grants to make now, (ticket, slot) in queue order.
+
+        A ticket that waits for its template's busy slot (defers) keeps the free slot it
+        would otherwise take from the tickets behind it: its patience costs them nothing
+        it would not have taken anyway, and it still has that slot when its patience ends.
+        """
+        free, plan = self._free(), []
+        for ticket in self.queue:
+            if not free:
+                break
+            slot = self._best(ticket, free)
+            if slot is None:
+                continue
+            free.remove(slot)
+            if not self._defers(ticket, slot):
+                plan.append((ticket, slot))
+        return plan
+
+    def _best(self, ticket, free):
+        """The free slot a ticket would take, or None if none will do.
 
         A slot holding the ticket's template; else the coldest: an empty slot first (plain
         requests leave their slots "empty" for bioproxy), then the least recently used
-        template's. A templated ticket that would evict another template while a busy slot
-        holds its own waits for that one, up to PATIENCE seconds after it arrived.
+        template's.
         """
         if ticket.wanted is not None:
             return ticket.wanted if ticket.wanted in free else None
@@ -145,19 +169,19 @@ class Scheduler:
             for slot in free:
                 if self.holding(slot) == ticket.template:
                     return slot
-        coldest = min(free, key=lambda s: (self.holding(s) is not None, self.used.get(s, 0.0), s))
-        if self.holding(coldest) is not None and self.patient(ticket):
-            return None
-        return coldest
+        return min(free, key=lambda s: (self.holding(s) is not None, self.used.get(s, 0.0), s))
+
+    def _defers(self, ticket, slot):
+        """Whether a templated ticket waits instead of evicting slot's template: a busy slot
+        holds its own, and its patience (PATIENCE s from its arrival) has not run out."""
+        held = self.holding(slot)
+        if held is None or held == ticket.template or not self.patient(ticket):
+            return False
+        return any(self.holding(s) == ticket.template for s in set(self.busy) | self.foreign)
 
     def patient(self, ticket):
-        """Whether a templated ticket still waits for a busy slot holding its template."""
-        if ticket.template is None or ticket.arrived is None:
-            return False
-        if self.clock() - ticket.arrived >= PATIENCE:
-            return False
-        busy = set(self.busy) | self.foreign
-        return any(self.holding(s) == ticket.template for s in busy)
+        """Whether the ticket's patience for its template's slot has not yet run out."""
+        return ticket.patient_until is not None and self.clock() < ticket.patient_until
 
     def holding(self, slot):
         """The template prefix a slot holds, as far as bioproxy knows, or None."""
@@ -178,6 +202,10 @@ class Scheduler:
             for s in sorted(self.slots.processing)
             if s not in self.busy and self.released.get(s, 0) <= since
         ]
+        if self.unpinned_released > since:
+            # An unpinned request ended during the read: the slot it ran in may show as
+            # processing, and which one that was is not known. The next read will tell.
+            foreign = []
         if self.slots.cleared or any(not t.pinned for t in self.busy.values()):
             # Requests go unpinned where llama-server clears idle slots (Backend.pins), and
             # where a template has nothing to restore: llama-server may run one of
@@ -229,8 +257,7 @@ class Scheduler:
         order = [(t.priority, t.order) for t in self.queue]
         if any(t.outcome != QUEUED for t in self.queue) or order != sorted(order):
             broken.append("3: the queue holds a ticket not queued, or is out of order")
-        free = self._free()
-        if free and any(self.choose(t, free) is not None for t in self.queue):
+        if self._plan():
             broken.append("4: a ticket waits while a free slot would take it")
         if sum(1 for t in self.queue if t.priority == USER) > self.max_queue:
             broken.append("5: more users wait than max_queue")
@@ -263,8 +290,8 @@ class Scheduler:
                         self.expire()
                         continue
                 if self.patient(ticket):
-                    # Its patience ends before the slot it waits for may come free.
-                    patience = ticket.arrived + PATIENCE - self.clock()
+                    # It may be deferred: once its patience ends, it takes another slot.
+                    patience = ticket.patient_until - self.clock()
                     timeout = patience if timeout is None else min(timeout, patience)
                 if not ticket.event.wait(timeout):
                     self.dispatch()

@@ -38,6 +38,8 @@ class Ticket:
         self.arrived = None  # clock time of submit()
         self.granted_at = None
         self.order = None  # place in arrival order
+        # Until when it waits for a busy slot holding its template (Scheduler.PATIENCE).
+        self.patient_until = None
         # Sent with id_slot to its slot; unpinned, llama-server may run it in another.
         self.pinned = True
         self.event = Event()  # set when the ticket leaves the queue, whatever the outcome

@@ -99,11 +99,13 @@ def test_a_templated_request_waits_briefly_for_its_busy_slot_rather_than_evict_a
     waiting = scheduler.submit(user("@a"))
     assert waiting.outcome == QUEUED  # slot 1 is free, but holds @b
     assert scheduler.invariants() == []
-    plain = scheduler.submit(user())  # holds no one else up
-    assert (plain.outcome, plain.slot) == (GRANTED, 1)
-    scheduler.release(plain)
+    # The slot it would fall back on is kept from those behind it.
+    plain = scheduler.submit(user())
+    assert plain.outcome == QUEUED
+    assert scheduler.invariants() == []
     scheduler.release(previous)
     assert (waiting.outcome, waiting.slot) == (GRANTED, 0)
+    assert (plain.outcome, plain.slot) == (GRANTED, 1)
 
 
 def test_past_its_patience_a_templated_request_takes_another_template_s_slot():
@@ -124,11 +126,36 @@ def test_an_empty_free_slot_is_taken_at_once_while_the_template_s_slot_is_busy()
     assert scheduler.submit(user("@a")).slot == 2  # evicts nothing: no reason to wait
 
 
-def test_a_full_queue_does_not_refuse_a_request_that_only_waits_for_its_template_s_slot():
+def test_past_a_full_queue_a_templated_request_takes_a_free_slot_without_waiting():
+    # Neither refused while a slot is free, nor waiting beyond max_queue.
     scheduler = make(count=2, held={0: "@a", 1: "@b"}, max_queue=0)
     scheduler.submit(user("@a"))
 
-    assert scheduler.submit(user("@a")).outcome == QUEUED
+    later = scheduler.submit(user("@a"))
+
+    assert (later.outcome, later.slot) == (GRANTED, 1)
+    assert scheduler.invariants() == []
+
+
+def test_a_request_that_names_a_slot_has_no_patience():
+    scheduler = make(count=2, held={0: "@a", 1: "@b"})
+    scheduler.submit(user("@a"))
+
+    assert scheduler.submit(user("@a", slot=1)).slot == 1
+
+
+def test_a_slot_an_unpinned_request_ran_in_is_not_foreign_after_its_release():
+    # The read of /slots began while the unpinned request (granted 0, run in 1) was busy.
+    scheduler = make(count=2)
+    unpinned = scheduler.submit(user("@a"))
+    unpinned.pinned = False
+    before = scheduler.releases
+    scheduler.slots.processing = {1}
+    scheduler.release(unpinned)
+
+    scheduler.update_foreign(before)
+
+    assert scheduler.foreign == set()
 
 
 def test_a_plain_request_leaves_hot_templates_alone_when_it_can():
