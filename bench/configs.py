@@ -14,7 +14,6 @@ Prints a Markdown table for docs/BENCHMARKS.md.
 import argparse
 import json
 import platform
-import shutil
 import statistics
 import tempfile
 import time
@@ -24,10 +23,10 @@ import requests
 
 from bioproxy.testing import (
     BACKEND_KEY,
-    EXAMPLES,
     MIXED_SEQUENCE,
     USERS_CONFIGS,
     Bioproxy,
+    examples_workdir,
     expanded,
     users_llama,
     wait_until,
@@ -64,17 +63,10 @@ def stream(url, content, key=None, **extra):
 def measure(folder, name):
     args, has_folder = USERS_CONFIGS[name]
     key = BACKEND_KEY if "--api-key" in args else None
-    work = folder / "bioproxy"
-    shutil.copytree(EXAMPLES, work)
-    config = {**json.loads((work / "config.json").read_text()), "warmup_check_interval": 1}
     slots = folder / "slots" if has_folder else None
-    if slots:
-        config["slot_save_path"] = str(slots)
-    if key:
-        config["backend_api_key"] = key
+    work, config = examples_workdir(folder, slots, **({"backend_api_key": key} if key else {}))
     with users_llama(folder, args, slots) as server, Bioproxy(server.url, work, config) as bp:
-        warm = lambda: all(t["state"] == "warm" for t in bp.templates().values())  # noqa: E731
-        wait_until(warm, timeout=300, what="every template warm")
+        wait_until(bp.all_warm, timeout=300, what="every template warm")
         through = [stream(bp.proxy_url, text) for text in MIXED_SEQUENCE]
     (folder / "alone").mkdir()
     with users_llama(folder / "alone", args, slots and folder / "alone-slots") as server:

@@ -157,7 +157,7 @@ class Mixed:
                 "slot_save_path": llama.slot_save_path,
             }
             with Bioproxy(llama.url, self.folder, config) as proxy:
-                wait_for(lambda: all(t["state"] == "warm" for t in proxy.templates().values()))
+                wait_for(proxy.all_warm)
                 before = prompt_tokens(llama)
                 results, seconds = self.play(proxy.proxy_url, content)
                 return results, seconds, prompt_tokens(llama) - before

@@ -24,8 +24,12 @@ class Lease:
         self.template = template  # the version it was expanded with
         self.cache = cache  # expected: "slot", "restored" or "cold" (X-Bioproxy-Cache)
         self.outcome = cache  # as measured by the answer's timings, once it has ended
-        self.pinned = False  # sent with id_slot: it ran in the slot bioproxy chose
         self.ended = False
+
+    @property
+    def pinned(self):
+        """Sent with id_slot: it ran in the slot bioproxy chose."""
+        return self.ticket is not None and self.ticket.pinned
 
     @property
     def slot(self):

@@ -73,7 +73,6 @@ def forward(backend, raw, body, match, expansion, send, watch=None):
                 ticket.pinned = backend.pins() and lease.cache != "server"
                 if ticket.pinned:
                     data = _pin(data, body, ticket.slot)
-            lease.pinned = ticket is not None and ticket.pinned
             return send(data, lease)
     except BaseException:
         if lease is not None:

@@ -62,6 +62,18 @@ def users_llama(folder, args, slot_folder=None):
     )
 
 
+def examples_workdir(folder, slot_folder=None, **keys):
+    """folder/bioproxy holding the example templates, and their config (checked every
+    second, slot_folder as its slot_save_path, plus keys) for a Bioproxy to write there."""
+    work = os.path.join(folder, "bioproxy")
+    shutil.copytree(EXAMPLES, work)
+    with open(os.path.join(work, "config.json")) as f:
+        config = {**json.load(f), "warmup_check_interval": 1, **keys}
+    if slot_folder:
+        config["slot_save_path"] = str(slot_folder)
+    return work, config
+
+
 def expanded(workdir, text):
     """A user's text as its template expands it (the config in workdir), or as it is."""
     prefix, _, words = text.partition(" ")
@@ -171,6 +183,10 @@ class Bioproxy:
             for sample in family.samples
             if sample.name == name and labels.items() <= sample.labels.items()
         )
+
+    def all_warm(self):
+        """Whether every template is warm, per the admin port's /templates."""
+        return all(t["state"] == "warm" for t in self.templates().values())
 
     def settled(self):
         """Whether the queue is empty and every slot idle, per the admin port's /status.

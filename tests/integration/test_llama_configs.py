@@ -15,32 +15,20 @@ without (b11434, this model), its top tokens' log-probabilities moving by up to 
 where a prompt is split into batches. A wrong prefix moves them further (checked below).
 """
 
-import json
-import shutil
-
 import pytest
 import requests
 
 from bioproxy.testing import (
     BACKEND_KEY,
-    EXAMPLES,
     MIXED_SEQUENCE,
     USERS_CONFIGS,
+    examples_workdir,
     expanded,
     users_llama,
     wait_until,
 )
 from tests.integration.conftest import start_llama
 from tests.servers import Bioproxy
-
-
-def workdir(folder, slot_folder=None, **keys):
-    work = folder / "bioproxy"
-    shutil.copytree(EXAMPLES, work)
-    config = {**json.loads((work / "config.json").read_text()), "warmup_check_interval": 1}
-    if slot_folder:
-        config["slot_save_path"] = str(slot_folder)
-    return work, {**config, **keys}
 
 
 def chat_body(content, **extra):
@@ -62,17 +50,11 @@ def post(url, body, key=None):
     return answer
 
 
-def all_warm(bioproxy):
-    return all(t["state"] == "warm" for t in bioproxy.templates().values())
-
-
 def through_bioproxy(folder, args, slot_folder, key):
     keys = {"backend_api_key": key} if key else {}
-    work, config = workdir(folder, slot_folder, **keys)
+    work, config = examples_workdir(folder, slot_folder, **keys)
     with users_llama(folder, args, slot_folder) as llama, Bioproxy(llama.url, work, config) as bp:
-        wait_until(
-            lambda: all_warm(bp), what="every template warm", describe=lambda: bp.log()[-3000:]
-        )
+        wait_until(bp.all_warm, what="every template warm", describe=lambda: bp.log()[-3000:])
         seen = []
         for text in MIXED_SEQUENCE:
             answer = post(bp.proxy_url, chat_body(text))
@@ -161,11 +143,11 @@ def test_warm_with_each_configuration_users_run(tmp_path, config):
 
 def test_a_follow_up_turn_keeps_the_template_and_evaluates_only_its_new_words(tmp_path):
     # Issue 11.4: the follow-up went with the opening message raw, the template gone.
-    work, config = workdir(tmp_path)
+    work, config = examples_workdir(tmp_path)
     with users_llama(tmp_path, []) as llama, Bioproxy(llama.url, work, config) as bp:
         # Every warmup done: one that starts between two turns empties the slot the first
         # turn left (bioproxy learns that llama-server clears idle slots by seeing it).
-        wait_until(lambda: all_warm(bp), what="every template warm")
+        wait_until(bp.all_warm, what="every template warm")
         opening = {"role": "user", "content": "@code How do I reverse a list?"}
         first = post(bp.proxy_url, chat_body(opening["content"]))
         reply = first.json()["choices"][0]["message"]["content"]
@@ -183,9 +165,9 @@ def test_back_to_back_requests_keep_their_template_s_slot(tmp_path):
     # Issue 11.5, with the llama-server bioproxy starts itself (-np 2, a slot folder): a
     # request sent the moment the previous one's answer ended found that slot not yet
     # given back, and was restored into the other one, evicting @review.
-    work, config = workdir(tmp_path, tmp_path / "slots")
+    work, config = examples_workdir(tmp_path, tmp_path / "slots")
     with start_llama(tmp_path) as llama, Bioproxy(llama.url, work, config) as bp:
-        wait_until(lambda: all_warm(bp), what="every template warm")
+        wait_until(bp.all_warm, what="every template warm")
         first = post(bp.proxy_url, chat_body("@code How do I reverse a list?"))
         caches = [first.headers["X-Bioproxy-Cache"]]  # restored, if @code's warmup ran first
         for question in ("What does zip do?", "How do I sort a dict?", "What is a set?"):

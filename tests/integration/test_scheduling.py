@@ -51,7 +51,7 @@ def mixed(tmp_path_factory):
         proxy = Bioproxy(llama.url, folder, config, slot_save_path=llama.slot_save_path)
         with proxy:
             wait_until(
-                lambda: all(t["state"] == "warm" for t in proxy.templates().values()),
+                proxy.all_warm,
                 timeout=300,
                 what="three templates warm",
             )
@@ -194,7 +194,7 @@ def test_eight_slots_serve_concurrent_templated_and_plain_requests(tmp_path):
         Bioproxy(llama.url, tmp_path, config, slot_save_path=llama.slot_save_path) as proxy,
     ):
         wait_until(
-            lambda: all(t["state"] == "warm" for t in proxy.templates().values()),
+            proxy.all_warm,
             timeout=120,
             what="three templates warm",
         )

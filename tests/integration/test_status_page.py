@@ -195,7 +195,7 @@ def warm_bioproxy(llama, folder):
     server = Bioproxy(llama.url, str(folder), config, slot_save_path=llama.slot_save_path)
     server.start().wait_ready()
     wait_until(
-        lambda: all(t["state"] == "warm" for t in server.templates().values()),
+        server.all_warm,
         what="templates warm",
         describe=server.templates,
     )
