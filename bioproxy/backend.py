@@ -16,6 +16,7 @@ from .scheduler import Scheduler
 from .slot_api import SlotApi
 from .slot_table import UNKNOWN, SlotTable
 from .upstream import BackendError, Upstream
+from .variants import Variants
 from .warmer import Warmer
 from .warmth import Warmth
 
@@ -113,14 +114,16 @@ class Backend:
         self.gate = Gate(settings.warmup_only_when_idle, on_idle=self.warmer.resume_when_idle)
         registry = Registry(paths.state_dir, paths.slot_save_path)
         self.caches = SavedCaches(registry, self.slots, self.prompts, metrics, self.discarded)
+        self.variants = Variants(self, settings.variant_budget_bytes)
 
     def open(self):
         """Read what was saved; forget the files of templates no longer configured."""
         registry = self.caches.registry
         registry.load()
-        for prefix in list(registry.entries):
-            if prefix not in self.catalog:
-                registry.forget(prefix)
+        for key, saved in list(registry.entries.items()):
+            # A variant's entry names its template (see variants.py).
+            if saved.get("template", key) not in self.catalog:
+                registry.forget(key)
 
     def pins(self):
         """Whether requests are pinned to the slot bioproxy chose for them (id_slot).
@@ -161,6 +164,7 @@ class Backend:
 
     def close(self):
         self.warmer.stop()
+        self.variants.close()
         self.upstream.close()
 
     def discarded(self, prefix):
@@ -182,6 +186,7 @@ class Backend:
             "saved_file": saved["file"] if saved else None,
             "last_warmup": warmth.last_warmup,
             "requests": dict(warmth.requests),
+            "variants": self.variants.describe(prefix),
         }
 
     def seen(self):

@@ -10,6 +10,7 @@ import time
 
 from .registry import filename
 from .slot_api import SlotFileRejected, SlotsUnsupported
+from .slot_table import template_of
 from .upstream import BackendError
 
 log = logging.getLogger(__name__)
@@ -77,33 +78,43 @@ class SavedCaches:
         self.metrics.saves.labels(prefix, "ok").inc()
         log.info("template %s saved: %d tokens in %s", prefix, saved, name)
 
-    def restore_for_request(self, entry, warmth, template, slot):
+    def restore_for_request(self, entry, warmth, template, slot, variant=None):
         """For a user request: load the saved cache of the template version it was
-        expanded with into its slot.
+        expanded with (or of its variant) into its slot.
 
         "restored", or "cold" when it cannot: the request then goes on without it, and
         leaves the slot holding the template once answered.
         """
         try:
-            return "restored" if self.restore(entry, warmth, template, slot) else "cold"
+            return "restored" if self.restore(entry, warmth, template, slot, variant) else "cold"
         except BackendError:
             return "cold"
 
-    def restore(self, entry, warmth, template, slot):
+    def restore(self, entry, warmth, template, slot, variant=None):
         """Restore the template's saved cache into the slot: whether there was one to use.
 
-        A file that llama-server cannot read or that holds something else is forgotten,
-        and the template warmed again; other failures raise BackendError.
+        variant: restore that variant's file instead (warmth is then not touched). A file
+        that llama-server cannot read or that holds something else is forgotten, and the
+        template warmed again (a variant's is saved again after its next request); other
+        failures raise BackendError.
         """
-        saved = self.find(entry.prefix, template)
+        key = variant.key if variant else entry.prefix
+        saved = self.registry.find(key, template.digest, self.slots.table.model)
         if saved is None:
             return False
+
+        def discard():
+            if variant is None:
+                self.discard(entry.prefix, saved)
+            else:
+                self.registry.forget(key, saved["file"])
+
         spoiled = self.registry.check(saved)
         if spoiled:
             # llama-server restores a file with corrupted KV data without a word, and its
             # answers are then garbage: never restore what is not what bioproxy saved.
-            self._failed(entry.prefix, slot, f"{saved['file']}: {spoiled}")
-            self.discard(entry.prefix, saved)
+            self._failed(key, slot, f"{saved['file']}: {spoiled}")
+            discard()
             return False
         # Whatever the slot held is replaced, without a task to show it: not to be taken
         # for llama-server clearing it.
@@ -111,24 +122,24 @@ class SavedCaches:
         try:
             tokens = self.slots.api.restore(slot, saved["file"])
         except SlotFileRejected as e:
-            self._failed(entry.prefix, slot, e)
-            self.discard(entry.prefix, saved)  # missing, corrupt or from another build
+            self._failed(key, slot, e)
+            discard()  # missing, corrupt or from another build
             return False
         except SlotsUnsupported:
             self.unsupported = True
-            self._failed(entry.prefix, slot, "llama-server cannot restore (no --slot-save-path)")
+            self._failed(key, slot, "llama-server cannot restore (no --slot-save-path)")
             raise
         except BackendError as e:
-            self._failed(entry.prefix, slot, e)
+            self._failed(key, slot, e)
             raise
         if tokens != saved.get("tokens", tokens):
             # Not what bioproxy saved there, e.g. a save llama-server ran after bioproxy
             # had given up waiting for it.
-            self._failed(entry.prefix, slot, f"restored {tokens} tokens, saved {saved['tokens']}")
-            self.discard(entry.prefix, saved)
+            self._failed(key, slot, f"restored {tokens} tokens, saved {saved['tokens']}")
+            discard()
             return False
-        self.slots.mark(slot, entry.prefix, template.digest)
-        if entry.is_current(template):
+        self.slots.mark(slot, key, template.digest)
+        if variant is None and entry.is_current(template):
             last = {
                 "at": time.time(),
                 "outcome": "restored",
@@ -137,8 +148,46 @@ class SavedCaches:
             }
             warmth.mark_restored(tokens, last)
         self.metrics.restores.labels(entry.prefix, "ok").inc()
-        log.info("template %s restored into slot %d: %d tokens", entry.prefix, slot, tokens)
+        log.info("%s restored into slot %d: %d tokens", _named(key), slot, tokens)
         return True
+
+    def save_variant(self, variant, template, slot):
+        """Save a slot that served a variant to the variant's file, and record it.
+
+        The slot holds the variant's head and the conversation that followed it, all of
+        which its file keeps (a follow-up restored from it reuses that too). Raises
+        BackendError when it fails, or when the slot holds less than the head.
+        """
+        model = self.slots.table.model
+        name = filename(variant.key, template.digest, model)
+        label = variant.prefix
+        try:
+            saved = self.slots.api.save(slot, name)
+            if saved < variant.tokens:
+                raise BackendError(
+                    f"POST /slots/{slot}?action=save",
+                    f"saved {saved} tokens, the variant's head has {variant.tokens}",
+                )
+        except SlotsUnsupported:
+            self.unsupported = True
+            self.metrics.saves.labels(label, "failed").inc()
+            return
+        except BackendError:
+            self.metrics.saves.labels(label, "failed").inc()
+            self.registry.forget(variant.key, name)
+            self.registry.delete_file(name)
+            raise
+        self.registry.record(
+            variant.key,
+            template.digest,
+            model,
+            saved,
+            template=variant.prefix,
+            head_tokens=variant.tokens,
+            last_used=time.time(),
+        )
+        self.metrics.saves.labels(label, "ok").inc()
+        log.info("variant %s saved: %d tokens in %s", variant.key, saved, name)
 
     def prove(self, prefix, template, slot):
         """Complete the head once in the slot just restored: whether that reused it.
@@ -190,8 +239,13 @@ class SavedCaches:
         self.registry.forget(prefix, saved["file"])
         self.on_discard(prefix)
 
-    def _failed(self, prefix, slot, error):
+    def _failed(self, key, slot, error):
         # What the slot holds now is unknown (a rejected file empties it).
         self.slots.forget(slot)
-        self.metrics.restores.labels(prefix, "failed").inc()
-        log.warning("restoring template %s failed: %s", prefix, error)
+        self.metrics.restores.labels(template_of(key), "failed").inc()
+        log.warning("restoring %s failed: %s", _named(key), error)
+
+
+def _named(key):
+    """A slot key as the log names it: "template @code" or "variant @code 1a2b3c4d5e6f7a8b"."""
+    return f"variant {key}" if " " in key else f"template {key}"

@@ -52,6 +52,9 @@ class Settings:
     warmup_only_when_idle: bool = True
     warmup_concurrency: int = 1
     warmup_piece_chars: int = 150
+    # Disk space the saved caches of templates' variants (a template with a client's own
+    # system message, tools...) may take; the least recently used go first. 0: none saved.
+    variant_budget_bytes: int = 2 * 1024**3
     # Security.
     api_key: str = ""  # clients of the proxy port must send "Authorization: Bearer <key>"
     backend_api_key: str = ""  # sent to llama-server (its --api-key) with every request

@@ -12,17 +12,17 @@ class Match:
     whose cache the request can reuse.
 
     prefix is the request's template: its opening user message's in a conversation that
-    opened with one (its head then begins the prompt, and a warm slot serves it), else
-    its newest user message's. warm: whether that template's head begins the prompt, so
-    that a warmed cache applies (a chat whose opening message is the templated one).
+    opened with one (a warmed cache then applies: the template's own, or a variant's when
+    other messages or tools render before it, see variants.py), else its newest user
+    message's. opening: that opening message's index in the messages, else None.
     """
 
-    def __init__(self, body, prefix, places, chat, warm):
+    def __init__(self, body, prefix, places, chat, opening=None):
         self.body = body  # the parsed JSON body
         self.prefix = prefix
         self.places = places  # [(holder, key, prefix, expand)] for each templated message
         self.chat = chat
-        self.warm = warm
+        self.opening = opening
         # The user's own words in each, read now: expand() writes over the messages.
         self.words = [strip_prefix(holder[key], p) for holder, key, p, _ in places]
 
@@ -74,25 +74,20 @@ def find(path, body, prefixes):
     if not chat:
         prompt = body.get("prompt")
         prefix = match_prefix(prompt, prefixes) if isinstance(prompt, str) else None
-        return (
-            Match(body, prefix, [(body, "prompt", prefix, True)], False, False) if prefix else None
-        )
+        return Match(body, prefix, [(body, "prompt", prefix, True)], False) if prefix else None
     users = _user_texts(body)
-    found = [(place, match_prefix(place[0][place[1]], prefixes)) for place in users]
+    found = [(place, match_prefix(place[1][place[2]], prefixes)) for place in users]
     found = [(place, prefix) for place, prefix in found if prefix]
     if not found:
         return None
     opening = found[0][0] is users[0] and found[0][1]  # the conversation's template, if any
     places = [
-        (*place, prefix, not (opening == prefix and place is not users[0]))
+        (holder, key, prefix, not (opening == prefix and place is not users[0]))
         for place, prefix in found
+        for _, holder, key in [place]
     ]
     prefix = opening or found[-1][1]
-    # The head warmed is the template's alone: a message of the client's before it (a
-    # system message) renders another prompt, which no warmed cache begins.
-    first = body["messages"][0]
-    alone = isinstance(first, dict) and first.get("role") == "user"
-    return Match(body, prefix, places, True, bool(opening) and alone)
+    return Match(body, prefix, places, True, users[0][0] if opening else None)
 
 
 # Deeper than any request llama-server is sent in practice (a JSON schema in a tool or a
@@ -178,20 +173,20 @@ def _depth_beyond(value, limit):
 
 
 def _user_texts(body):
-    """(dict, key) holding each user message's text, in order: its content if a string,
-    else its first text part."""
+    """(index, dict, key) for each user message with text, in order: the message's index,
+    and what holds its text: its content if a string, else its first text part."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise BadRequest("'messages' must be a list")
     places = []
-    for message in messages:
+    for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") != "user":
             continue
         content = message.get("content")
         if isinstance(content, list):
             parts = [p for p in content if isinstance(p, dict) and p.get("type") == "text"]
             if parts and isinstance(parts[0].get("text"), str):
-                places.append((parts[0], "text"))
+                places.append((index, parts[0], "text"))
         elif isinstance(content, str):
-            places.append((message, "content"))
+            places.append((index, message, "content"))
     return places

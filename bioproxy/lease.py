@@ -17,11 +17,12 @@ class Lease:
     reads /slots, which must not yet show the next task.
     """
 
-    def __init__(self, backend, ticket=None, entry=None, template=None, cache=None):
+    def __init__(self, backend, ticket=None, entry=None, template=None, variant=None, cache=None):
         self.backend = backend
         self.ticket = ticket  # granted, or None: llama-server places the request itself
         self.entry = entry  # the catalog entry of a templated request
         self.template = template  # the version it was expanded with
+        self.variant = variant  # the template's variant it uses (see variants.py), or None
         self.cache = cache  # expected: "slot", "restored" or "cold" (X-Bioproxy-Cache)
         self.outcome = cache  # as measured by the answer's timings, once it has ended
         self.ended = False
@@ -51,21 +52,25 @@ class Lease:
     def _account(self, timings):
         """The request counted by what its answer shows: the tokens llama-server reused and
         evaluated, and whether that found the template warm as expected."""
-        prefix, metrics = self.entry.prefix, self.backend.metrics
+        prefix, metrics, variant = self.entry.prefix, self.backend.metrics, self.variant
         warmth = self.backend.warmth[prefix]
+        tokens = variant.tokens if variant else warmth.tokens  # of the head it should reuse
         reused, evaluated = timings.get("cache_n"), timings.get("prompt_n")
         if all(_count(n) for n in (reused, evaluated)):
             metrics.tokens_reused.labels(prefix).inc(reused)
             metrics.tokens_evaluated.labels(prefix).inc(evaluated)
-            warm = _found_warm(reused, warmth.tokens)
+            warm = _found_warm(reused, tokens)
             if self.cache == "server":
                 self.outcome = "server" if warm else "cold"  # llama-server's own cache
             elif self.cache != "cold" and not warm:
-                self._missed(warmth, reused)
+                self._missed(warmth, reused, tokens)
         metrics.template_requests.labels(prefix, self.outcome).inc()
         warmth.count_request(self.outcome)
+        if variant is not None:
+            variant.count_request(self.outcome)
+            self.backend.variants.used(variant, self.template)
 
-    def _missed(self, warmth, reused):
+    def _missed(self, warmth, reused, tokens):
         """Expected warm, measured cold: counted as a miss, logged once per kind."""
         prefix = self.entry.prefix
         self.outcome = "cold"
@@ -75,27 +80,37 @@ class Lease:
             log.warning(
                 "template %s: expected warm (%s) in slot %s, but llama-server reused only %d "
                 "of its %s tokens (logged once)",
-                prefix,
+                self.key,
                 self.cache,
                 self.slot,
                 reused,
-                warmth.tokens,
+                tokens,
             )
-        if self.cache == "restored":
-            caches = self.backend.caches
-            caches.restore_did_not_hold(self.entry, self.template, reused, warmth.tokens)
+        if self.cache != "restored":
+            return
+        if self.variant is not None:
+            self.backend.variants.did_not_hold(self.variant, self.template, reused)
+        else:
+            self.backend.caches.restore_did_not_hold(self.entry, self.template, reused, tokens)
+
+    @property
+    def key(self):
+        """What the slot holds once answered: the template's prefix, or its variant's key."""
+        return self.variant.key if self.variant else self.entry.prefix
 
     def _release(self, succeeded, drain):
         """The slot holds the template if the request succeeded with the current version;
         any other request (plain, failed, cut off) leaves it holding nothing bioproxy can
         use. drain: the answer ended early, so the slot waits until llama-server is idle."""
         backend, slot = self.backend, self.ticket.slot
+        held = False
         try:
             # Only a chat request leaves the template's head there (a templated completion
             # holds its own prompt).
             chat = self.ticket.template is not None
-            if succeeded and chat and self.pinned and self.entry.is_current(self.template):
-                backend.slots.mark(slot, self.entry.prefix, self.template.digest)
+            held = succeeded and chat and self.pinned and self.entry.is_current(self.template)
+            if held:
+                backend.slots.mark(slot, self.key, self.template.digest)
             else:
                 backend.slots.forget(slot)
         except Exception:
@@ -105,6 +120,11 @@ class Lease:
             backend.slots.forget(slot)
         finally:
             backend.scheduler.release(self.ticket, drain)
+        if held and self.variant is not None:
+            try:
+                backend.variants.after_answer(self.variant, self.template, slot)
+            except Exception:
+                log.exception("saving variant %s failed", self.key)
 
 
 def _count(n):

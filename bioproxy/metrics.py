@@ -138,13 +138,22 @@ class Metrics:
         )
         self.saves = Counter(
             f"{PREFIX}_slot_saves_total",
-            "Slot saves of a warmed template, by outcome (ok, failed).",
+            "Slot saves of a warmed template, or of a slot that served one of its variants "
+            "(a client's system message, tools...), by outcome (ok, failed).",
             ["template", "outcome"],
+            **per_template,
+        )
+        self.variant_evictions = Counter(
+            f"{PREFIX}_variant_evictions_total",
+            "Saved caches of a template's variants (the template with a client's system "
+            "message, tools...) deleted to keep them within variant_budget_bytes.",
+            ["template"],
             **per_template,
         )
         self.restores = Counter(
             f"{PREFIX}_slot_restores_total",
-            "Slot restores of a template's saved cache, by outcome (ok, failed).",
+            "Slot restores of a template's saved cache, or one of its variants', by outcome "
+            "(ok, failed).",
             ["template", "outcome"],
             **per_template,
         )

@@ -17,8 +17,15 @@ class Prompts:
 
     def fetch_head(self, template):
         """The prompt text before the user's message, exactly as llama-server renders it."""
-        messages = [{"role": "user", "content": template.render(SENTINEL)}]
-        prompt = self.upstream.call("POST", "/apply-template", {"messages": messages})["prompt"]
+        return self.render_head(template_body(template))
+
+    def render_head(self, body):
+        """The prompt text llama-server renders before SENTINEL for a chat body holding it
+        (the template's own message, or a variant's shape: see variants.py)."""
+        answer = self.upstream.call("POST", "/apply-template", body)
+        prompt = answer.get("prompt") if isinstance(answer, dict) else None
+        if not isinstance(prompt, str):
+            raise BackendError("POST /apply-template", "the answer holds no prompt")
         cut = prompt.find(SENTINEL)
         if cut < 0:
             raise BackendError("POST /apply-template", "the chat template dropped the message")
@@ -32,6 +39,11 @@ class Prompts:
         """complete(), streamed: shutting its connection down stops llama-server at once."""
         body = {**_body(slot, text), "stream": True}
         return self.upstream.open("POST", "/completion", body, self.timeout)
+
+
+def template_body(template):
+    """A chat body that holds nothing but the template's message, around SENTINEL."""
+    return {"messages": [{"role": "user", "content": template.render(SENTINEL)}]}
 
 
 def _body(slot, text):

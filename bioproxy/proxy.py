@@ -143,11 +143,13 @@ def forward(path):
     expansion = templated.expand(state.catalog, match, limit) if match else None
     if match is None:
         templated.check_pinnable(body, parsed)
+    else:
+        expansion.place(backend.variants, match)
     # A user from here on: warmups give way until its answer has been sent.
     g.user = True
     backend.gate.user_started()
     watch = ClientWatch(request.environ)
-    answer = templated.forward(backend, body, parsed, match, expansion, send, watch)
+    answer = templated.forward(backend, body, parsed, expansion, send, watch)
     response = respond(answer)
     lease = answer.lease
     if lease.entry is not None:
@@ -156,6 +158,8 @@ def forward(path):
         # Header values are latin-1: a prefix beyond ASCII goes percent-encoded.
         response.headers["X-Bioproxy-Template"] = quote(prefix, safe=string.punctuation)
         response.headers["X-Bioproxy-Cache"] = lease.cache
+        if lease.variant is not None:
+            response.headers["X-Bioproxy-Variant"] = lease.variant.key.split(" ")[1]
     return response
 
 

@@ -66,14 +66,19 @@ class Registry:
             return entry
         return None
 
-    def record(self, prefix, digest, model, tokens):
-        """Remember a new save, forgetting (and deleting) the prefix's previous file."""
+    def record(self, prefix, digest, model, tokens, **more):
+        """Remember a new save, forgetting (and deleting) the prefix's previous file.
+
+        prefix is a template's, or a variant's key (see variants.py); more: what else to
+        keep with it (a variant's template, head tokens, last use).
+        """
         entry = {
             "file": filename(prefix, digest, model),
             "digest": digest,
             "model": model,
             "tokens": tokens,
             "saved_at": time.time(),
+            **more,
         }
         # What was written, to prove later that a restore loads that and nothing else.
         found = off_loop(self._fingerprint, entry["file"])
@@ -98,6 +103,25 @@ class Registry:
         del self.entries[prefix]
         self._write()
         self.delete_file(old["file"])
+
+    def evict_variants(self, budget, keep):
+        """Delete the least recently used variants' files until they fit in budget bytes:
+        the keys evicted. keep, the one just saved, goes last (alone beyond the budget)."""
+        variants = [(key, e) for key, e in self.entries.items() if "template" in e]
+        variants.sort(key=lambda item: (item[0] == keep, item[1].get("last_used") or 0))
+        total = sum(e.get("size") or 0 for _, e in variants)
+        evicted = []
+        for key, entry in variants:
+            if total <= budget:
+                break
+            total -= entry.get("size") or 0
+            self.forget(key)
+            evicted.append(key)
+        return evicted
+
+    def variant_bytes(self):
+        """Bytes of the variants' saved files, as recorded."""
+        return sum(e.get("size") or 0 for e in self.entries.values() if "template" in e)
 
     def check(self, entry):
         """None if the saved file is still what was saved (or cannot be read here), else why.

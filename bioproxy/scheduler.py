@@ -31,6 +31,7 @@ import math
 import time
 
 from .errors import QueueFull, QueueTimeout
+from .slot_table import template_of
 from .ticket import FULL, GONE, GRANTED, QUEUED, TIMEOUT, USER, WARMUP, Outcome, Ticket
 
 __all__ = ["FULL", "GONE", "GRANTED", "QUEUED", "TIMEOUT", "USER", "WARMUP", "Outcome", "Ticket"]
@@ -245,7 +246,7 @@ class Scheduler:
         occupancy.clear()
         for slot in range(self.slots.count):
             state = "busy" if slot in self.busy or slot in self.foreign else "idle"
-            occupancy.labels(self.holding(slot) or "", state).inc()
+            occupancy.labels(template_of(self.holding(slot) or ""), state).inc()
 
     def invariants(self):
         """Which of the invariants above do not hold now, in words (none, ever)."""

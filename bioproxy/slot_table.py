@@ -101,6 +101,12 @@ class SlotTable:
         self.held.pop(slot, None)
 
 
+def template_of(key):
+    """The template prefix of what a slot holds: a template's own prefix, or a variant's
+    key ("<prefix> <hash>", see variants.py)."""
+    return key.split(" ", 1)[0]
+
+
 def _emptied(held, state):
     """Whether a slot held as recorded now holds fewer tokens, with no task run since."""
     task, busy, tokens = state

@@ -18,6 +18,16 @@ class Expansion:
         self.entry = entry
         self.template = template  # that version: the file may change while it waits
         self.data = data  # the body to send, not yet pinned to a slot
+        # What a slot holding its cache holds: the template's prefix, or its variant's key
+        # (variant then set); None when no warmed cache applies (see place()).
+        self.key = None
+        self.variant = None
+
+    def place(self, variants, match):
+        """Find the cache it can reuse: in a chat that opened with the templated message,
+        the template's own, or a variant's when more renders before the user's words."""
+        if match.opening is not None:
+            self.key, self.variant = variants.find(self.entry, self.template, match)
 
 
 def expand(catalog, match, limit):
@@ -46,17 +56,17 @@ def expand(catalog, match, limit):
     return Expansion(entry, template, data)
 
 
-def forward(backend, raw, body, match, expansion, send, watch=None):
+def forward(backend, raw, body, expansion, send, watch=None):
     """Forward a request that makes llama-server evaluate a prompt, in a slot bioproxy chose.
 
     The request waits in the scheduler's queue for a slot and is pinned to it; a templated
     one goes, expanded, to a slot that holds its cache when one can. raw is the body as
-    the client sent it, body that parsed, match the template found in it (or None) and
-    expansion its expanded body. send(data, lease) sends a body to llama.cpp and returns
+    the client sent it, body that parsed, and expansion its template expanded (or None),
+    placed (Expansion.place). send(data, lease) sends a body to llama.cpp and returns
     its answer's body, started (its first chunk read), which ends the lease once closed.
     watch, a ClientWatch, ends the request if its client leaves before the answer starts.
     """
-    ticket = _ticket(backend.slots.table, body, match)
+    ticket = _ticket(backend.slots.table, body, expansion)
     lease = None
     try:
         with watch.guard() if watch else nullcontext():
@@ -66,7 +76,9 @@ def forward(backend, raw, body, match, expansion, send, watch=None):
                 lease = Lease(backend, ticket)
             else:
                 # Before the slot is made ready: a restore changes what the slot holds.
-                lease = Lease(backend, ticket, expansion.entry, expansion.template)
+                lease = Lease(
+                    backend, ticket, expansion.entry, expansion.template, expansion.variant
+                )
                 lease.cache = lease.outcome = _made_ready(backend, ticket, expansion)
             data = expansion.data if expansion else raw
             if ticket is not None:
@@ -84,13 +96,15 @@ def forward(backend, raw, body, match, expansion, send, watch=None):
 
 def _made_ready(backend, ticket, expansion):
     """A templated request's cache: "slot" (its slot holds it), "restored", "server" (left
-    to llama-server's own cache, unpinned) or "cold" (not placed by bioproxy)."""
-    entry, template = expansion.entry, expansion.template
+    to llama-server's own cache, unpinned) or "cold" (evaluated, or not placed by bioproxy)."""
+    entry, template, variant = expansion.entry, expansion.template, expansion.variant
     if ticket is None or ticket.template is None:
-        return "cold"  # not placed by bioproxy, or not a chat request
+        return "cold"  # not placed by bioproxy, or no warmed cache applies
     # A slot that held the template still does unless another task ran there since.
-    if backend.slots.holds(ticket.slot, entry.prefix, template.digest):
+    if backend.slots.holds(ticket.slot, expansion.key, template.digest):
         return "server" if not backend.pins() else "slot"
+    if variant is not None and variant.new:
+        return "cold"  # its first request: evaluated in its slot, then saved from there
     if backend.caches.unsupported:
         # No slot files: unpinned, llama-server places it and loads its own copy of the
         # template from its RAM cache (--cache-ram) if it kept one; pinned, it would not (a
@@ -99,11 +113,13 @@ def _made_ready(backend, ticket, expansion):
     # Unpinned too when llama-server clears idle slots: the restored slot, or the copy of
     # it llama-server keeps in its RAM cache when it clears it, is where it places it. A
     # restore that fails leaves it pinned and cold: it then fills its slot.
+    if variant is not None:
+        return backend.variants.restore_for_request(variant, entry, template, ticket.slot)
     warmth = backend.warmth[entry.prefix]
     return backend.caches.restore_for_request(entry, warmth, template, ticket.slot)
 
 
-def _ticket(slots, body, match):
+def _ticket(slots, body, expansion):
     """The scheduler Ticket for a request, or None when bioproxy cannot place it."""
     if slots.count == 0:
         return None  # llama-server has not answered the warmer yet (it may be down)
@@ -112,7 +128,7 @@ def _ticket(slots, body, match):
         return None  # llama-server will say what is wrong with it
     # Only a chat whose opening message is templated reuses a warmed cache: the others
     # (templated completions, a template in a later turn) are placed as plain.
-    template = match.prefix if match and match.warm else None
+    template = expansion.key if expansion else None
     return Ticket(USER, template, wanted if wanted >= 0 else None)
 
 

@@ -60,9 +60,9 @@ def _problem(key, value):
         if parts.query or parts.fragment:
             return "must not have a query or fragment"
     positive = key.endswith(("_timeout", "_bytes")) or key == "warmup_check_interval"
-    if positive and value <= 0:
+    if positive and key != "variant_budget_bytes" and value <= 0:
         return "must be greater than 0"
-    if key == "queue_max_length" and value < 0:
+    if key in ("queue_max_length", "variant_budget_bytes") and value < 0:
         return "must be 0 or more"
     if key in ("warmup_concurrency", "warmup_piece_chars") and value < 1:
         return "must be 1 or more"

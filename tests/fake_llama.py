@@ -34,11 +34,14 @@ class FakeLlama:
         self.clears_idle_slots = False
         self.ram = []  # texts in the RAM cache (--cache-ram), which unpinned requests reuse
         self.shows_tokens = True  # n_prompt_tokens in GET /slots
+        self.folder = None  # where saves also write their file, to be seen on disk
+        self.rendered = []  # bodies of /apply-template
 
     def install(self):
         responses.add_callback("GET", f"{BACKEND}/props", self.props)
         responses.add_callback("GET", f"{BACKEND}/slots", self.slots)
         responses.add_callback("POST", f"{BACKEND}/apply-template", self.apply_template)
+        responses.add_callback("POST", f"{BACKEND}/tokenize", self.tokenize)
         responses.add_callback("POST", f"{BACKEND}/completion", self.completion)
         responses.add_callback("POST", re.compile(rf"{BACKEND}/slots/\d+\?action=\w+"), self.action)
         responses.add_callback("POST", f"{BACKEND}/v1/chat/completions", self.chat)
@@ -91,12 +94,21 @@ class FakeLlama:
         return slot
 
     @staticmethod
-    def render(messages):
-        """A chat rendered to a prompt, as a chat template does (each message then END)."""
-        return SYSTEM + "".join(m["content"] + END for m in messages)
+    def render(messages, tools=None):
+        """A chat rendered to a prompt, as a chat template does (each message then END;
+        tools, if any, in the system prompt)."""
+        system = SYSTEM + (f"<tools>{json.dumps(tools)}</tools>" if tools else "")
+        return system + "".join(_text(m["content"]) + END for m in messages)
 
     def apply_template(self, request):
-        return self._json(200, {"prompt": self.render(json.loads(request.body)["messages"])})
+        body = json.loads(request.body)
+        self.rendered.append(body)
+        return self._json(200, {"prompt": self.render(body["messages"], body.get("tools"))})
+
+    def tokenize(self, request):
+        return self._json(
+            200, {"tokens": list(range(len(json.loads(request.body)["content"].split())))}
+        )
 
     def completion(self, request):
         body = json.loads(request.body)
@@ -134,6 +146,8 @@ class FakeLlama:
             return self._json(self.status[action], {"error": {"message": f"{action} refused"}})
         if action == "save":
             self.files[name] = self.contents[slot]
+            if self.folder is not None:
+                (self.folder / name).write_text(self.contents[slot])
             saved = len(self.contents[slot].split()) + self.extra_saved
             return self._json(200, {"id_slot": slot, "n_saved": saved})
         if name not in self.files:
@@ -146,7 +160,7 @@ class FakeLlama:
     def chat(self, request):
         body = json.loads(request.body)
         self.chats.append(body)
-        prompt = self.render(body["messages"])
+        prompt = self.render(body["messages"], body.get("tools"))
         slot = body.get("id_slot")
         if slot is None:  # placed by llama-server: a slot that holds the prompt's start,
             free = [s for s in self.contents if s not in self.busy]
@@ -157,8 +171,23 @@ class FakeLlama:
                 if self.contents[slot]:  # content is kept there first
                     self.ram.append(self.contents[slot])
                 self.contents[slot] = max(cached, key=len)
-        held = self.contents[slot]
-        cached = len(held.split()) if held and prompt.startswith(held) else 0
+        cached = _common_words(self.contents[slot], prompt)  # as llama-server's cache_prompt
         self._task(slot, prompt)
         timings = {"cache_n": cached, "prompt_n": len(prompt.split()) - cached}
         return self._json(200, {"choices": [{"message": {"content": "ok"}}], "timings": timings})
+
+
+def _text(content):
+    """A message's content as a chat template reads it: a string, or its text parts."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content
+
+
+def _common_words(held, prompt):
+    """The words a slot holding held reuses of prompt: their common start, never the last."""
+    held, new = held.split(), prompt.split()
+    n = 0
+    while n < min(len(held), len(new) - 1) and held[n] == new[n]:
+        n += 1
+    return n

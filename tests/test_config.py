@@ -105,6 +105,7 @@ def test_environment_beats_file_and_overrides_beat_environment(tmp_path):
         ({"proxy_host": " "}, "proxy_host must not be empty"),
         ({"warmup_only_when_idle": 1}, "warmup_only_when_idle must be true or false"),
         ({"queue_max_length": -1}, "queue_max_length must be 0 or more"),
+        ({"variant_budget_bytes": -1}, "variant_budget_bytes must be 0 or more"),
         ({"queue_timeout": 0}, "queue_timeout must be greater than 0"),
         ({"warmup_concurrency": 0}, "warmup_concurrency must be 1 or more"),
         # 0 would turn gunicorn's keep-alive off, and with it the limit on slow headers.

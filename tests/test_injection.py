@@ -42,7 +42,7 @@ def test_the_last_user_message_is_expanded_and_pinned():
     body = expanded(match, slot=1)
 
     assert (match.prefix, match.message, match.chat) == ("@code", "How?", True)
-    assert match.warm is False  # the template's head does not begin the prompt
+    assert match.opening is None  # the conversation did not open with the template
     assert body["messages"][0]["content"] == "Hello."
     assert body["messages"][2]["content"] == "Before. How? After."
     assert body["id_slot"] == 1
@@ -62,7 +62,7 @@ def test_a_conversation_keeps_the_template_it_opened_with_on_every_turn():
     for raw in follow_ups:
         match = find("POST", "/v1/chat/completions", raw, PREFIXES)
         body = expanded(match)
-        assert (match.prefix, match.warm) == ("@code", True)
+        assert (match.prefix, match.opening) == ("@code", 0)
         assert body["messages"][0] == first["messages"][0]  # word for word as on turn one
         assert body["messages"][1] == turns[1]
         assert body["messages"][2]["content"] == "And in place?"
@@ -201,10 +201,10 @@ def test_a_lone_surrogate_in_a_body_bioproxy_rebuilds_is_a_400():
     assert dump({"content": "hi é"}) == '{"content": "hi é"}'.encode()
 
 
-def test_a_system_message_before_the_template_is_not_taken_for_the_warmed_head():
+def test_a_system_message_before_the_template_leaves_it_the_opening_message():
     raw = chat({"role": "system", "content": "Be terse."}, user("@code How?"))
 
     match = find("POST", "/v1/chat/completions", raw, PREFIXES)
 
-    assert (match.prefix, match.warm) == ("@code", False)
+    assert (match.prefix, match.opening) == ("@code", 1)  # a variant's: see test_variants
     assert expanded(match)["messages"][1]["content"] == "Before. How? After."
