@@ -7,7 +7,12 @@ per configuration, the median time to the first token of the templated requests 
 bioproxy against the same requests to llama-server with no cache (cold), and the prompt
 tokens llama-server evaluated for the whole sequence both ways.
 
-Run:    .venv/bin/python -m bench.configs [--only defaults np2 ...]
+With --system, every request carries a system message, as most chat clients send: each
+template is then served as a variant (docs/TEMPLATES.md), whose first request is cold by
+design; the warm figure is the median of the templated requests after each template's
+first, and the first ones are shown apart.
+
+Run:    .venv/bin/python -m bench.configs [--system] [--only defaults np2 ...]
 Prints a Markdown table for docs/BENCHMARKS.md.
 """
 
@@ -32,11 +37,13 @@ from bioproxy.testing import (
     wait_until,
 )
 
+SYSTEM_MESSAGE = {"role": "system", "content": "You are a patient teacher. Answer in one line."}
 
-def stream(url, content, key=None, **extra):
+
+def stream(url, content, key=None, system=None, **extra):
     """(ms to the first token's event, the answer's timings) of one streamed chat."""
     body = {
-        "messages": [{"role": "user", "content": content}],
+        "messages": [*([system] if system else []), {"role": "user", "content": content}],
         "temperature": 0,
         "max_tokens": 8,
         "stream": True,
@@ -60,25 +67,32 @@ def stream(url, content, key=None, **extra):
     return first, timings
 
 
-def measure(folder, name):
+def measure(folder, name, system=None):
     args, has_folder = USERS_CONFIGS[name]
     key = BACKEND_KEY if "--api-key" in args else None
     slots = folder / "slots" if has_folder else None
     work, config = examples_workdir(folder, slots, **({"backend_api_key": key} if key else {}))
     with users_llama(folder, args, slots) as server, Bioproxy(server.url, work, config) as bp:
         wait_until(bp.all_warm, timeout=300, what="every template warm")
-        through = [stream(bp.proxy_url, text) for text in MIXED_SEQUENCE]
+        through = [stream(bp.proxy_url, text, system=system) for text in MIXED_SEQUENCE]
     (folder / "alone").mkdir()
     with users_llama(folder / "alone", args, slots and folder / "alone-slots") as server:
-        direct = [stream(server.url, expanded(work, text), key) for text in MIXED_SEQUENCE]
+        direct = [stream(server.url, expanded(work, text), key, system) for text in MIXED_SEQUENCE]
         cold = [
-            stream(server.url, expanded(work, text), key, cache_prompt=False)[0]
+            stream(server.url, expanded(work, text), key, system, cache_prompt=False)[0]
             for text in MIXED_SEQUENCE
             if text.startswith("@")
         ]
-    sent = zip(through, MIXED_SEQUENCE, strict=True)
-    templated = [ms for (ms, _), text in sent if text.startswith("@")]
+    templated, firsts, seen = [], [], set()
+    for (ms, _), text in zip(through, MIXED_SEQUENCE, strict=True):
+        prefix = text.split(" ", 1)[0]
+        if not text.startswith("@"):
+            continue
+        # A variant's first request is evaluated in full by design: shown apart.
+        (firsts if system and prefix not in seen else templated).append(ms)
+        seen.add(prefix)
     return {
+        "first_ms": statistics.median(firsts) if firsts else None,
         "warm_ms": statistics.median(templated),
         "cold_ms": statistics.median(cold),
         "tokens": sum(t["prompt_n"] for _, t in through),
@@ -95,15 +109,21 @@ def cpu():
         return platform.machine()
 
 
-def report(results):
+def report(results, system):
     templated = sum(1 for text in MIXED_SEQUENCE if text.startswith("@"))
     lines = [
         f"{cpu()}: per configuration, {len(MIXED_SEQUENCE)} requests ({templated} "
-        "templated, the others plain), `max_tokens` 8, streamed.",
+        "templated, the others plain), `max_tokens` 8, streamed"
+        + (
+            ", each after a system message (variants; first: each template's first)."
+            if system
+            else "."
+        ),
         "",
         "| llama-server started with | warm TTFT | cold TTFT | warm ÷ cold "
-        "| prompt tokens, bioproxy | llama-server alone | bioproxy ÷ alone |",
-        "|---|---|---|---|---|---|---|",
+        + ("| first TTFT " if system else "")
+        + "| prompt tokens, bioproxy | llama-server alone | bioproxy ÷ alone |",
+        "|---|---|---|---|" + ("---|" if system else "") + "---|---|---|",
     ]
     for name, r in results.items():
         args, has_folder = USERS_CONFIGS[name]
@@ -112,7 +132,9 @@ def report(results):
         flags = f"`{' '.join(words)}`" if words else "(defaults)"
         lines.append(
             f"| {flags} | {r['warm_ms']:.0f} ms | {r['cold_ms']:.0f} ms "
-            f"| {r['warm_ms'] / r['cold_ms']:.2f} | {r['tokens']} | {r['tokens_alone']} "
+            f"| {r['warm_ms'] / r['cold_ms']:.2f} "
+            + (f"| {r['first_ms']:.0f} ms " if system else "")
+            + f"| {r['tokens']} | {r['tokens_alone']} "
             f"| {r['tokens'] / r['tokens_alone']:.2f} |"
         )
     return "\n".join(lines)
@@ -121,16 +143,19 @@ def report(results):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=list(USERS_CONFIGS), default=None)
-    names = parser.parse_args().only or list(USERS_CONFIGS)
+    parser.add_argument("--system", action="store_true", help="a system message on each")
+    options = parser.parse_args()
+    names = options.only or list(USERS_CONFIGS)
+    system = SYSTEM_MESSAGE if options.system else None
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             folder = Path(tmp) / name
             folder.mkdir()
-            results[name] = measure(folder, name)
+            results[name] = measure(folder, name, system)
             print(f"{name}: {results[name]}", flush=True)
     print()
-    print(report(results))
+    print(report(results, system))
 
 
 if __name__ == "__main__":

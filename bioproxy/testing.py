@@ -28,7 +28,7 @@ BACKEND_KEY = "llama-secret"
 USERS_CONFIGS = {
     "defaults": ([], False),
     "slot-save-path": ([], True),
-    **{f"np{n}": (["-np", str(n)], False) for n in (1, 2, 4, 8)},
+    **{f"np{n}": (["-np", str(n)], False) for n in range(1, 9)},
     "np2-slot-save-path": (["-np", "2"], True),
     "cache-ram-0": (["--cache-ram", "0"], False),
     "np1-cache-ram-0-slot-save-path": (["-np", "1", "--cache-ram", "0"], True),

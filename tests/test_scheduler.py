@@ -429,6 +429,52 @@ def test_random_traffic_never_shares_a_slot_and_serves_in_order(count):
     assert [t.order for t in users] == sorted(t.order for t in users)  # first come, first served
 
 
+@pytest.mark.parametrize("count", [2, 3, 4, 8])
+def test_random_traffic_with_templates_held_keeps_the_invariants_with_patience(count):
+    # As the request path does: a templated request's slot holds its template once
+    # released, so later ones of it prefer that slot and wait briefly while it is busy.
+    rng = random.Random(100 + count)
+    templates_ = ["@a", "@b", "@c", "@a v1", None]
+    scheduler = make(count=count, max_queue=20, max_wait=5)
+    granted, plain, patient_waits = [], [], 0
+    for _ in range(3000):
+        scheduler.clock.now += rng.random() * 0.15  # often within PATIENCE of the last
+        roll = rng.random()
+        if roll < 0.45:
+            ticket = Ticket(WARMUP if rng.random() < 0.1 else USER, rng.choice(templates_))
+            scheduler.submit(ticket)
+        elif roll < 0.85 and granted:
+            ticket = granted.pop(rng.randrange(len(granted)))
+            if ticket.template is not None:
+                scheduler.slots.held[ticket.slot] = (ticket.template, "digest", 0)
+            else:
+                scheduler.slots.held.pop(ticket.slot, None)
+            scheduler.release(ticket)
+        elif roll < 0.9 and scheduler.queue:
+            scheduler.leave(rng.choice(scheduler.queue))
+        elif roll < 0.93:
+            scheduler.slots.processing = {s for s in range(count) if rng.random() < 0.2}
+            scheduler.update_foreign()
+        scheduler.expire()
+        scheduler.dispatch()  # as a patient waiter's own timer does when its patience ends
+        assert scheduler.invariants() == []
+        now_granted = [t for t in scheduler.busy.values() if t not in granted]
+        granted += now_granted
+        plain += [t for t in now_granted if t.priority == USER and t.template is None]
+        slots = [t.slot for t in granted]
+        assert len(slots) == len(set(slots))
+        free = count - len(scheduler.busy) - len(scheduler.foreign)
+        if scheduler.queue and free > 0:  # a slot is free while tickets wait: patience only
+            assert any(scheduler.patient(t) for t in scheduler.queue)
+            patient_waits += 1
+        if free > 0:  # no user waits beyond its patience (warmups may, behind users)
+            now, queue = scheduler.clock.now, scheduler.queue
+            users = [t for t in queue if t.priority == USER and t.wanted is None]
+            assert all(now - t.arrived < PATIENCE for t in users)
+    assert patient_waits > 0  # the patience was exercised
+    assert [t.order for t in plain] == sorted(t.order for t in plain)
+
+
 def test_a_slot_released_during_a_refresh_is_not_taken_for_foreign_work():
     scheduler = make(count=2)
     mine = scheduler.submit(user())  # slot 0

@@ -154,11 +154,21 @@ def test_a_follow_up_turn_keeps_the_template_and_evaluates_only_its_new_words(tm
         turns = [opening, {"role": "assistant", "content": reply}]
         body = {**chat_body(""), "messages": [*turns, {"role": "user", "content": "And in place?"}]}
         answer = post(bp.proxy_url, body)
+        # llama-server's own answer to the conversation as sent, with no cache; and to the
+        # same conversation with the template lost, which the comparison must tell apart.
+        sent = {"role": "user", "content": expanded(work, opening["content"])}
+        as_sent = {**body, "messages": [sent, *body["messages"][1:]], "cache_prompt": False}
+        uncached = post(llama.url, as_sent).json()
+        raw = {"role": "user", "content": "How do I reverse a list?"}
+        lost = {**body, "messages": [raw, *body["messages"][1:]], "cache_prompt": False}
+        wrong = post(llama.url, lost).json()
 
     assert answer.headers["X-Bioproxy-Template"] == "@code"
     timings = answer.json()["timings"]
     # The template and the first turn reused: the reply and the new words evaluated.
     assert timings["cache_n"] > 900 and timings["prompt_n"] < 40, timings
+    assert same_answer(answer.json(), uncached), (answer.json(), uncached)
+    assert not same_answer(wrong, uncached)
 
 
 def test_back_to_back_requests_keep_their_template_s_slot(tmp_path):

@@ -125,8 +125,16 @@ def test_a_follow_up_after_a_system_message_evaluates_only_its_new_words(tmp_pat
         first = post(bp.proxy_url, body(SYSTEM_MESSAGE, opening))
         reply = {"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]}
         answer = post(bp.proxy_url, body(SYSTEM_MESSAGE, opening, reply, user("And in place?")))
+        sent = user(expanded(work, opening["content"]))
+        reference_body = body(SYSTEM_MESSAGE, sent, reply, user("And in place?"))
+        uncached = post(llama.url, {**reference_body, "cache_prompt": False}).json()
+        # The same conversation without the template: what a lost template would answer.
+        lost = body(SYSTEM_MESSAGE, user(QUESTIONS[0]), reply, user("And in place?"))
+        wrong = post(llama.url, {**lost, "cache_prompt": False}).json()
 
     assert answer.headers["X-Bioproxy-Cache"] == "slot"
+    assert same_answer(answer.json(), uncached), (answer.json(), uncached)
+    assert not same_answer(wrong, uncached)
     timings = answer.json()["timings"]
     # The system message, the template and the first turn reused: the new words evaluated.
     assert timings["cache_n"] > 900 and timings["prompt_n"] < 40, timings
