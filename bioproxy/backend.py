@@ -101,7 +101,7 @@ class Backend:
             self.slots.table, settings.queue_max_length, settings.queue_timeout, metrics
         )
         self.warmth = {entry.prefix: Warmth(entry.prefix) for entry in catalog}
-        self.prompts = Prompts(self.upstream, settings.upstream_timeout)
+        self.prompts = Prompts(self.upstream, settings.upstream_timeout, settings.slot_timeout)
         self.warmer = Warmer(
             self,
             catalog,
@@ -124,6 +124,7 @@ class Backend:
             # A variant's entry names its template (see variants.py).
             if saved.get("template", key) not in self.catalog:
                 registry.forget(key)
+        self.variants.prune()  # of edited templates, or beyond a budget lowered since
 
     def pins(self):
         """Whether requests are pinned to the slot bioproxy chose for them (id_slot).
@@ -164,7 +165,6 @@ class Backend:
 
     def close(self):
         self.warmer.stop()
-        self.variants.close()
         self.upstream.close()
 
     def discarded(self, prefix):

@@ -10,7 +10,7 @@ import time
 
 from .registry import filename
 from .slot_api import SlotFileRejected, SlotsUnsupported
-from .slot_table import template_of
+from .slot_table import named, template_of
 from .upstream import BackendError
 
 log = logging.getLogger(__name__)
@@ -38,17 +38,20 @@ class SavedCaches:
         self.unsupported = False
         self.unsaved = set()  # templates a save was refused for with 501, said once each
 
-    def find(self, prefix, template):
-        """The saved entry for this template version on the loaded model, or None."""
-        return self.registry.find(prefix, template.digest, self.slots.table.model)
+    def find(self, key, template):
+        """The saved entry of a template (key: its prefix) or of one of its variants (the
+        variant's key) for this template version on the loaded model, or None."""
+        return self.registry.find(key, template.digest, self.slots.table.model)
 
-    def save(self, prefix, template, slot, tokens):
-        """Save the evaluated slot to its file and record it.
+    def save(self, prefix, template, slot, tokens, variant=None):
+        """Save the evaluated slot to its file and record it: the template's head, or its
+        variant's (variant given).
 
         A llama-server that cannot save (SlotsUnsupported: no --slot-save-path) leaves the
         template warm in its slot only. Any other failure raises BackendError.
         """
-        name = filename(prefix, template.digest, self.slots.table.model)
+        key = variant.key if variant else prefix
+        name = filename(key, template.digest, self.slots.table.model)
         try:
             saved = self.slots.api.save(slot, name)
             # The prefix plus the one token llama-server generates; anything else means
@@ -70,13 +73,15 @@ class SavedCaches:
             # The file may be half written (a full disk), or written later by a save
             # llama-server had queued behind another request: it no longer holds this
             # template for sure, and a partial file would keep the disk full.
-            self.registry.forget(prefix, name)
+            self.registry.forget(key, name)
             self.registry.delete_file(name)
             raise
         self.unsupported = False
-        self.registry.record(prefix, template.digest, self.slots.table.model, saved)
+        # A variant's entry names its template, for /templates and the pruning.
+        more = {"template": prefix, "head_tokens": variant.tokens} if variant else {}
+        self.registry.record(key, template.digest, self.slots.table.model, saved, **more)
         self.metrics.saves.labels(prefix, "ok").inc()
-        log.info("template %s saved: %d tokens in %s", prefix, saved, name)
+        log.info("%s saved: %d tokens in %s", named(key), saved, name)
 
     def restore_for_request(self, entry, warmth, template, slot, variant=None):
         """For a user request: load the saved cache of the template version it was
@@ -148,46 +153,8 @@ class SavedCaches:
             }
             warmth.mark_restored(tokens, last)
         self.metrics.restores.labels(entry.prefix, "ok").inc()
-        log.info("%s restored into slot %d: %d tokens", _named(key), slot, tokens)
+        log.info("%s restored into slot %d: %d tokens", named(key), slot, tokens)
         return True
-
-    def save_variant(self, variant, template, slot):
-        """Save a slot that served a variant to the variant's file, and record it.
-
-        The slot holds the variant's head and the conversation that followed it, all of
-        which its file keeps (a follow-up restored from it reuses that too). Raises
-        BackendError when it fails, or when the slot holds less than the head.
-        """
-        model = self.slots.table.model
-        name = filename(variant.key, template.digest, model)
-        label = variant.prefix
-        try:
-            saved = self.slots.api.save(slot, name)
-            if saved < variant.tokens:
-                raise BackendError(
-                    f"POST /slots/{slot}?action=save",
-                    f"saved {saved} tokens, the variant's head has {variant.tokens}",
-                )
-        except SlotsUnsupported:
-            self.unsupported = True
-            self.metrics.saves.labels(label, "failed").inc()
-            return
-        except BackendError:
-            self.metrics.saves.labels(label, "failed").inc()
-            self.registry.forget(variant.key, name)
-            self.registry.delete_file(name)
-            raise
-        self.registry.record(
-            variant.key,
-            template.digest,
-            model,
-            saved,
-            template=variant.prefix,
-            head_tokens=variant.tokens,
-            last_used=time.time(),
-        )
-        self.metrics.saves.labels(label, "ok").inc()
-        log.info("variant %s saved: %d tokens in %s", variant.key, saved, name)
 
     def prove(self, prefix, template, slot):
         """Complete the head once in the slot just restored: whether that reused it.
@@ -221,18 +188,24 @@ class SavedCaches:
             self.registry.forget(prefix, saved["file"])
         return False
 
-    def restore_did_not_hold(self, entry, template, reused, tokens):
-        """A user's answer after a restore reused less than the template: the file is bad."""
+    def restore_did_not_hold(self, entry, template, reused, tokens, variant=None):
+        """A user's answer after a restore reused less than the template (or its variant):
+        the file is bad, and not used again."""
+        key = variant.key if variant else entry.prefix
         log.warning(
-            "template %s was restored for a request, yet llama-server reused only %d of its "
-            "%s tokens: its saved file is not used again",
-            entry.prefix,
+            "%s was restored for a request, yet llama-server reused only %d of its %s "
+            "tokens: its saved file is not used again",
+            named(key),
             reused,
             tokens,
         )
-        saved = self.find(entry.prefix, template)
-        if saved is not None:
-            self.discard(entry.prefix, saved)
+        saved = self.find(key, template)
+        if saved is None:
+            return
+        if variant is None:
+            self.discard(entry.prefix, saved)  # warmed again
+        else:
+            self.registry.forget(key, saved["file"])  # saved again at its next request
 
     def discard(self, prefix, saved):
         """Forget a saved file that cannot be used, and have the template warmed again."""
@@ -243,9 +216,4 @@ class SavedCaches:
         # What the slot holds now is unknown (a rejected file empties it).
         self.slots.forget(slot)
         self.metrics.restores.labels(template_of(key), "failed").inc()
-        log.warning("restoring %s failed: %s", _named(key), error)
-
-
-def _named(key):
-    """A slot key as the log names it: "template @code" or "variant @code 1a2b3c4d5e6f7a8b"."""
-    return f"variant {key}" if " " in key else f"template {key}"
+        log.warning("restoring %s failed: %s", named(key), error)

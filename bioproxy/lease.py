@@ -2,6 +2,8 @@
 
 import logging
 
+from .slot_table import named
+
 log = logging.getLogger(__name__)
 
 # A request found its template warm when llama-server reused the template's tokens but
@@ -68,30 +70,28 @@ class Lease:
         warmth.count_request(self.outcome)
         if variant is not None:
             variant.count_request(self.outcome)
-            self.backend.variants.used(variant, self.template)
+            self.backend.variants.used(variant)
 
     def _missed(self, warmth, reused, tokens):
         """Expected warm, measured cold: counted as a miss, logged once per kind."""
         prefix = self.entry.prefix
         self.outcome = "cold"
         self.backend.metrics.template_misses.labels(prefix, self.cache).inc()
-        if self.cache not in warmth.missed:
-            warmth.missed.add(self.cache)
+        missed = self.variant.missed if self.variant else warmth.missed
+        if self.cache not in missed:
+            missed.add(self.cache)
             log.warning(
-                "template %s: expected warm (%s) in slot %s, but llama-server reused only %d "
-                "of its %s tokens (logged once)",
-                self.key,
+                "%s: expected warm (%s) in slot %s, but llama-server reused only %d of its "
+                "%s tokens (logged once)",
+                named(self.key),
                 self.cache,
                 self.slot,
                 reused,
                 tokens,
             )
-        if self.cache != "restored":
-            return
-        if self.variant is not None:
-            self.backend.variants.did_not_hold(self.variant, self.template, reused)
-        else:
-            self.backend.caches.restore_did_not_hold(self.entry, self.template, reused, tokens)
+        if self.cache == "restored":
+            caches = self.backend.caches
+            caches.restore_did_not_hold(self.entry, self.template, reused, tokens, self.variant)
 
     @property
     def key(self):
@@ -103,13 +103,11 @@ class Lease:
         any other request (plain, failed, cut off) leaves it holding nothing bioproxy can
         use. drain: the answer ended early, so the slot waits until llama-server is idle."""
         backend, slot = self.backend, self.ticket.slot
-        held = False
         try:
             # Only a chat request leaves the template's head there (a templated completion
             # holds its own prompt).
             chat = self.ticket.template is not None
-            held = succeeded and chat and self.pinned and self.entry.is_current(self.template)
-            if held:
+            if succeeded and chat and self.pinned and self.entry.is_current(self.template):
                 backend.slots.mark(slot, self.key, self.template.digest)
             else:
                 backend.slots.forget(slot)
@@ -120,11 +118,6 @@ class Lease:
             backend.slots.forget(slot)
         finally:
             backend.scheduler.release(self.ticket, drain)
-        if held and self.variant is not None:
-            try:
-                backend.variants.after_answer(self.variant, self.template, slot)
-            except Exception:
-                log.exception("saving variant %s failed", self.key)
 
 
 def _count(n):

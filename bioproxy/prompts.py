@@ -11,9 +11,10 @@ SENTINEL = "\u2063bioproxy-message\u2063"
 class Prompts:
     """Rendering a template's head as llama-server renders chat, and completing it."""
 
-    def __init__(self, upstream, timeout):
+    def __init__(self, upstream, timeout, quick_timeout=None):
         self.upstream = upstream
-        self.timeout = timeout
+        self.timeout = timeout  # for an evaluation
+        self.quick_timeout = quick_timeout or timeout  # for a call that evaluates nothing
 
     def fetch_head(self, template):
         """The prompt text before the user's message, exactly as llama-server renders it."""
@@ -22,7 +23,7 @@ class Prompts:
     def render_head(self, body):
         """The prompt text llama-server renders before SENTINEL for a chat body holding it
         (the template's own message, or a variant's shape: see variants.py)."""
-        answer = self.upstream.call("POST", "/apply-template", body)
+        answer = self.upstream.call("POST", "/apply-template", body, self.quick_timeout)
         prompt = answer.get("prompt") if isinstance(answer, dict) else None
         if not isinstance(prompt, str):
             raise BackendError("POST /apply-template", "the answer holds no prompt")
@@ -30,6 +31,15 @@ class Prompts:
         if cut < 0:
             raise BackendError("POST /apply-template", "the chat template dropped the message")
         return prompt[:cut]
+
+    def count(self, text):
+        """How many tokens llama-server makes of a prompt's text."""
+        body = {"content": text, "add_special": True}
+        answer = self.upstream.call("POST", "/tokenize", body, self.quick_timeout)
+        tokens = answer.get("tokens") if isinstance(answer, dict) else None
+        if not isinstance(tokens, list):
+            raise BackendError("POST /tokenize", "the answer holds no tokens")
+        return len(tokens)
 
     def complete(self, slot, text):
         """Evaluate text into the slot, reusing what it holds; llama-server's answer."""

@@ -25,6 +25,7 @@ from .errors import (
 )
 from .first_content import first_content_timed
 from .metrics import METHODS
+from .slot_table import variant_id
 
 bp = Blueprint("proxy", __name__)
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def forward(path):
         response.headers["X-Bioproxy-Template"] = quote(prefix, safe=string.punctuation)
         response.headers["X-Bioproxy-Cache"] = lease.cache
         if lease.variant is not None:
-            response.headers["X-Bioproxy-Variant"] = lease.variant.key.split(" ")[1]
+            response.headers["X-Bioproxy-Variant"] = variant_id(lease.variant.key)
     return response
 
 

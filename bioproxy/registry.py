@@ -37,6 +37,15 @@ def off_loop(function, *args):
     return gevent.get_hub().threadpool.apply(function, args)
 
 
+def _readable(entry):
+    """Whether a saved.json entry has the fields bioproxy reads, of their types."""
+    return (
+        isinstance(entry, dict)
+        and all(isinstance(entry.get(k), str) for k in ("file", "digest", "model"))
+        and isinstance(entry.get("template", ""), str)
+    )
+
+
 def _stamp(info):
     """What changes when a file is written or replaced: its size, time and inode."""
     return (info.st_size, info.st_mtime_ns, info.st_ino)
@@ -52,8 +61,10 @@ class Registry:
     def __init__(self, state_dir, slot_save_path=None):
         self.path = os.path.join(state_dir, "saved.json")
         self.slot_save_path = slot_save_path
-        self.entries = {}  # prefix -> what was saved for it; load() reads them
+        # key (a template's prefix, or a variant's key) -> what was saved; load() reads them
+        self.entries = {}
         self.intact = {}  # path -> (size, mtime, inode) when its content was last verified
+        self.touched = {}  # key -> when its last use was last written (touch())
 
     def load(self):
         """Read saved.json (none, or unreadable: nothing saved)."""
@@ -70,7 +81,7 @@ class Registry:
         """Remember a new save, forgetting (and deleting) the prefix's previous file.
 
         prefix is a template's, or a variant's key (see variants.py); more: what else to
-        keep with it (a variant's template, head tokens, last use).
+        keep with it (a variant's template and head tokens).
         """
         entry = {
             "file": filename(prefix, digest, model),
@@ -104,24 +115,38 @@ class Registry:
         self._write()
         self.delete_file(old["file"])
 
-    def evict_variants(self, budget, keep):
-        """Delete the least recently used variants' files until they fit in budget bytes:
-        the keys evicted. keep, the one just saved, goes last (alone beyond the budget)."""
+    def touch(self, key, every):
+        """A saved entry was used now: kept as its last use, written at most every
+        `every` seconds (least recently used variants are evicted first)."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return
+        now = time.time()
+        entry["last_used"] = now
+        if now - self.touched.get(key, 0) >= every:
+            self.touched[key] = now
+            self._write()
+
+    def evict_variants(self, budget, keep=None):
+        """Forget (and delete) variants' files, the least recently used first, until they
+        fit in budget bytes: the keys evicted. keep, the one just saved, is kept unless
+        it alone is larger than the budget: then it alone goes."""
         variants = [(key, e) for key, e in self.entries.items() if "template" in e]
-        variants.sort(key=lambda item: (item[0] == keep, item[1].get("last_used") or 0))
         total = sum(e.get("size") or 0 for _, e in variants)
+        if keep in self.entries and (self.entries[keep].get("size") or 0) > budget:
+            self.forget(keep)
+            return [keep]
+        variants.sort(key=lambda item: item[1].get("last_used") or item[1].get("saved_at") or 0)
         evicted = []
         for key, entry in variants:
             if total <= budget:
                 break
+            if key == keep:
+                continue
             total -= entry.get("size") or 0
             self.forget(key)
             evicted.append(key)
         return evicted
-
-    def variant_bytes(self):
-        """Bytes of the variants' saved files, as recorded."""
-        return sum(e.get("size") or 0 for e in self.entries.values() if "template" in e)
 
     def check(self, entry):
         """None if the saved file is still what was saved (or cannot be read here), else why.
@@ -191,7 +216,10 @@ class Registry:
         except (OSError, ValueError) as e:
             log.warning("ignoring unreadable %s: %s", self.path, e)
             return {}
-        return entries if isinstance(entries, dict) else {}
+        if not isinstance(entries, dict):
+            return {}
+        # An entry bioproxy cannot read is left out (its file is then never restored).
+        return {key: e for key, e in entries.items() if _readable(e)}
 
     def _write(self):
         folder = os.path.dirname(self.path)

@@ -19,7 +19,7 @@ class SlotTable:
     def __init__(self):
         self.count = 0
         self.model = None  # identity of the loaded model, see model_identity()
-        # slot id -> (prefix, digest, id_task and tokens seen after bioproxy's use)
+        # slot id -> (key, template digest, id_task and tokens seen after bioproxy's use)
         self.held = {}
         self.cleared = False  # whether llama-server was seen clearing an idle slot
         self.tasks = {}  # slot id -> last id_task seen, to notice a restart
@@ -49,7 +49,8 @@ class SlotTable:
         self.reachable = False
 
     def holding(self, slot):
-        """The template prefix a slot holds, as far as bioproxy knows, or None."""
+        """The key (template prefix or variant key) of what a slot holds, as far as
+        bioproxy knows, or None."""
         held = self.held.get(slot)
         return held[0] if held else None
 
@@ -101,10 +102,29 @@ class SlotTable:
         self.held.pop(slot, None)
 
 
+# What a slot holds is named by a key: a template's prefix, or a variant's key, that
+# prefix and a hash ("@code 1a2b3c4d5e6f7a8b", see variants.py). Prefixes hold no spaces.
+
+
+def variant_key(prefix, head, model):
+    """A variant's key: its template's prefix and a hash of its head and model."""
+    digest = hashlib.sha256(f"{model}\n{head}".encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{prefix} {digest[:16]}"
+
+
 def template_of(key):
-    """The template prefix of what a slot holds: a template's own prefix, or a variant's
-    key ("<prefix> <hash>", see variants.py)."""
+    """The template prefix of a key."""
     return key.split(" ", 1)[0]
+
+
+def variant_id(key):
+    """A variant key's hash part (None for a template's own prefix)."""
+    return key.partition(" ")[2] or None
+
+
+def named(key):
+    """A key as the log names it: "template @code" or "variant @code 1a2b3c4d5e6f7a8b"."""
+    return f"variant {key}" if variant_id(key) else f"template {key}"
 
 
 def _emptied(held, state):

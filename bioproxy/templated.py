@@ -7,6 +7,7 @@ from . import injection
 from .errors import RequestTooLarge, TemplateBroken
 from .lease import Lease
 from .scheduler import GRANTED, USER, Ticket
+from .variants import Found
 
 log = logging.getLogger(__name__)
 
@@ -18,16 +19,15 @@ class Expansion:
         self.entry = entry
         self.template = template  # that version: the file may change while it waits
         self.data = data  # the body to send, not yet pinned to a slot
-        # What a slot holding its cache holds: the template's prefix, or its variant's key
-        # (variant then set); None when no warmed cache applies (see place()).
-        self.key = None
-        self.variant = None
+        # The cache it can reuse (see place()): found.key, what a slot holding it holds,
+        # is the template's prefix or its variant's key; None when none applies.
+        self.found = Found(None)
 
     def place(self, variants, match):
         """Find the cache it can reuse: in a chat that opened with the templated message,
         the template's own, or a variant's when more renders before the user's words."""
         if match.opening is not None:
-            self.key, self.variant = variants.find(self.entry, self.template, match)
+            self.found = variants.find(self.entry, self.template, match)
 
 
 def expand(catalog, match, limit):
@@ -76,9 +76,8 @@ def forward(backend, raw, body, expansion, send, watch=None):
                 lease = Lease(backend, ticket)
             else:
                 # Before the slot is made ready: a restore changes what the slot holds.
-                lease = Lease(
-                    backend, ticket, expansion.entry, expansion.template, expansion.variant
-                )
+                found = expansion.found
+                lease = Lease(backend, ticket, expansion.entry, expansion.template, found.variant)
                 lease.cache = lease.outcome = _made_ready(backend, ticket, expansion)
             data = expansion.data if expansion else raw
             if ticket is not None:
@@ -97,14 +96,14 @@ def forward(backend, raw, body, expansion, send, watch=None):
 def _made_ready(backend, ticket, expansion):
     """A templated request's cache: "slot" (its slot holds it), "restored", "server" (left
     to llama-server's own cache, unpinned) or "cold" (evaluated, or not placed by bioproxy)."""
-    entry, template, variant = expansion.entry, expansion.template, expansion.variant
+    entry, template, found = expansion.entry, expansion.template, expansion.found
     if ticket is None or ticket.template is None:
         return "cold"  # not placed by bioproxy, or no warmed cache applies
     # A slot that held the template still does unless another task ran there since.
-    if backend.slots.holds(ticket.slot, expansion.key, template.digest):
+    if backend.slots.holds(ticket.slot, found.key, template.digest):
         return "server" if not backend.pins() else "slot"
-    if variant is not None and variant.new:
-        return "cold"  # its first request: evaluated in its slot, then saved from there
+    if found.variant is not None:
+        return backend.variants.make_ready(found, entry, template, ticket.slot)
     if backend.caches.unsupported:
         # No slot files: unpinned, llama-server places it and loads its own copy of the
         # template from its RAM cache (--cache-ram) if it kept one; pinned, it would not (a
@@ -113,8 +112,6 @@ def _made_ready(backend, ticket, expansion):
     # Unpinned too when llama-server clears idle slots: the restored slot, or the copy of
     # it llama-server keeps in its RAM cache when it clears it, is where it places it. A
     # restore that fails leaves it pinned and cold: it then fills its slot.
-    if variant is not None:
-        return backend.variants.restore_for_request(variant, entry, template, ticket.slot)
     warmth = backend.warmth[entry.prefix]
     return backend.caches.restore_for_request(entry, warmth, template, ticket.slot)
 
@@ -128,7 +125,7 @@ def _ticket(slots, body, expansion):
         return None  # llama-server will say what is wrong with it
     # Only a chat whose opening message is templated reuses a warmed cache: the others
     # (templated completions, a template in a later turn) are placed as plain.
-    template = expansion.key if expansion else None
+    template = expansion.found.key if expansion else None
     return Ticket(USER, template, wanted if wanted >= 0 else None)
 
 

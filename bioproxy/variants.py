@@ -8,24 +8,20 @@ llama-server renders before the user's words (its head, asked of `/apply-templat
 the model: another system message, an edited template or another model is another
 variant, so a stale one is never restored.
 
-The first request of a variant is evaluated in full in its slot and reported cold;
-once answered, that slot is saved to a file of the variant's own, and later requests
-find it in its slot or have it restored, as a template's. The files are bounded by
-variant_budget_bytes, the least recently used deleted first.
+The first request of a variant is reported cold: in its slot, the head is evaluated
+first, on its own, and saved to the variant's file; then the request goes on, reusing it.
+Later requests find the variant in its slot or have it restored, as a template's. The
+files hold the head alone (no user's words) and are bounded by variant_budget_bytes, the
+least recently used deleted first.
 """
 
 import hashlib
 import json
 import logging
-import time
 from collections import OrderedDict
 
-import gevent
-from gevent.pool import Pool
-
 from .prompts import SENTINEL, template_body
-from .scheduler import WARMUP, Ticket
-from .slot_table import template_of
+from .slot_table import template_of, variant_key
 from .upstream import BackendError
 
 log = logging.getLogger(__name__)
@@ -67,9 +63,12 @@ NOT_RENDERED = frozenset(
         "return_progress",
     }
 )
-MAX_HEADS = 256  # request shapes whose rendered head is remembered
+MAX_HEAD_CHARS = 16_000_000  # characters of rendered heads remembered, all shapes together
 MAX_KNOWN = 1024  # variants remembered in memory (their saved files are on disk)
-SAVE_WAIT = 60.0  # seconds a save waits for its slot before giving up
+TOUCH_EVERY = 60.0  # seconds: how stale a saved variant's last use may be in saved.json
+# Turns appended after the templated message to check that later turns leave the head as
+# it is (a chat template may render a system message or tools before the last user turn).
+LATER_TURNS = [{"role": "assistant", "content": "Yes."}, {"role": "user", "content": "More."}]
 
 
 def shape_of(match, template):
@@ -98,192 +97,201 @@ def shape_of(match, template):
     return {**rest, "messages": [*messages[:index], message]}
 
 
-def variant_key(prefix, head, model):
-    """The variant's name: its template's prefix and a hash of its head and model.
-
-    Prefixes hold no spaces, so no prefix is ever taken for a variant's key.
-    """
-    digest = hashlib.sha256(f"{model}\n{head}".encode("utf-8", "surrogatepass")).hexdigest()
-    return f"{prefix} {digest[:16]}"
-
-
 class Variant:
     """One variant of a template, as far as this bioproxy has seen it."""
 
-    def __init__(self, key, prefix, digest, tokens, saved):
+    def __init__(self, key, prefix, digest, tokens):
         self.key = key
         self.prefix = prefix
         self.digest = digest  # of the template version its head holds
-        self.tokens = tokens  # of its head
-        self.uses = 0  # templated requests served with it since bioproxy started
-        self.had_file = saved  # a saved file was there when bioproxy first saw it
+        self.tokens = tokens  # of its head, as llama-server tokenizes it
         self.requests = {"slot": 0, "restored": 0, "server": 0, "cold": 0}
-
-    @property
-    def new(self):
-        """Never served, nothing saved: its first request is evaluated in full."""
-        return self.uses == 0 and not self.had_file
+        self.missed = set()  # the expectations found wrong, logged once each
+        self.unsaved = False  # its file would not fit the budget: not saved again
 
     def count_request(self, cache):
-        self.uses += 1
         self.requests[cache] += 1
 
 
+class Found:
+    """What Variants.find() tells of a templated request: the key of the cache it reuses
+    (None: none, served as plain), its variant if any, and the variant's head."""
+
+    def __init__(self, key, variant=None, head=None):
+        self.key, self.variant, self.head = key, variant, head
+
+
 class Variants:
-    """The variants of one llama-server's templates: found, restored, saved, evicted."""
+    """The variants of one llama-server's templates: found, saved, restored, evicted."""
 
     def __init__(self, backend, budget):
         self.backend = backend
         self.budget = budget  # bytes of slot files variants may take; 0: never saved
-        self.heads = OrderedDict()  # digest of a shape and model -> the head rendered
+        self.heads = OrderedDict()  # digest of a shape and model -> head, or None: unstable
+        self.head_chars = 0
         self.known = OrderedDict()  # key -> Variant, the most recently used last
-        self.saving = set()  # keys with a save under way
-        self.pool = Pool()
         self.told = set()  # what was logged once
 
     def find(self, entry, template, match):
-        """(key, variant) for a templated request that opened its conversation.
+        """The cache a templated request that opened its conversation can reuse.
 
-        The key is the slot's: the template's prefix when only the template renders before
-        the user's words (variant None), else the variant's. (None, None) when
-        llama-server cannot say how it renders the request: served as a plain request.
+        The template's own when only the template renders before the user's words, else
+        its variant's. None for the key when llama-server cannot say how it renders the
+        request, or renders its head otherwise once the conversation goes on: served as
+        a plain request.
         """
         shape = shape_of(match, template)
         if shape is None:
-            return entry.prefix, None
+            return Found(entry.prefix)
         model = self.backend.slots.table.model
         if model is None:
-            return None, None  # llama-server not seen yet: the request is not placed anyway
+            return Found(None)  # llama-server not seen yet: the request is not placed anyway
         try:
             head = self._head(shape, model)
-            if head == self._head(template_body(template), model):
-                return entry.prefix, None
+            own = self._head(template_body(template), model, later=False)
+            if head is not None and head == own:
+                return Found(entry.prefix)
         except BackendError as e:
             self._tell("head", "cannot render a request's head, served as plain: %s", e)
-            return None, None
+            return Found(None)
+        if head is None:
+            self._tell(
+                "unstable",
+                "the chat template renders what comes before a templated message otherwise "
+                "once the conversation goes on (a system message or tools before the last "
+                "turn): such requests are served as plain",
+            )
+            return Found(None)
         key = variant_key(entry.prefix, head, model)
         variant = self.known.get(key)
         if variant is None or variant.digest != template.digest:
-            saved = self.saved(key, template)
+            saved = self.backend.caches.find(key, template)
             try:
-                tokens = saved.get("head_tokens") if saved else None
-                tokens = tokens or self._tokens(head)
+                tokens = (saved or {}).get("head_tokens") or self.backend.prompts.count(head)
             except BackendError as e:
                 self._tell("tokens", "cannot count a variant's tokens, served as plain: %s", e)
-                return None, None
-            variant = Variant(key, entry.prefix, template.digest, tokens, saved is not None)
-            self.known[key] = variant
+                return Found(None)
+            variant = self.known.get(key)  # another request may have made it meanwhile
+            if variant is None or variant.digest != template.digest:
+                variant = Variant(key, entry.prefix, template.digest, tokens)
+                self.known[key] = variant
             while len(self.known) > MAX_KNOWN:
                 self.known.popitem(last=False)
         self.known.move_to_end(key)
-        return key, variant
+        return Found(key, variant, head)
 
-    def _head(self, shape, model):
-        text = json.dumps(shape, sort_keys=True, ensure_ascii=False)
+    def _head(self, shape, model, later=True):
+        """The head llama-server renders for a shape, remembered. later: None if it
+        renders otherwise once more turns follow."""
+        text = json.dumps([shape, later], sort_keys=True, ensure_ascii=False)
         digest = hashlib.sha256(f"{model}\n{text}".encode("utf-8", "surrogatepass")).digest()
-        head = self.heads.get(digest)
-        if head is None:
-            head = self.backend.prompts.render_head(shape)
-            self.heads[digest] = head
-            while len(self.heads) > MAX_HEADS:
-                self.heads.popitem(last=False)
-        self.heads.move_to_end(digest)
+        if digest in self.heads:
+            self.heads.move_to_end(digest)
+            return self.heads[digest]
+        prompts = self.backend.prompts
+        head = prompts.render_head(shape)
+        if later:
+            longer = {**shape, "messages": [*shape["messages"], *LATER_TURNS]}
+            if prompts.render_head(longer) != head:
+                head = None
+        self.heads[digest] = head
+        self.head_chars += len(head or "")
+        while self.head_chars > MAX_HEAD_CHARS and len(self.heads) > 1:
+            _, dropped = self.heads.popitem(last=False)
+            self.head_chars -= len(dropped or "")
         return head
 
-    def _tokens(self, head):
-        answer = self.backend.upstream.call(
-            "POST", "/tokenize", {"content": head, "add_special": True}
-        )
-        tokens = answer.get("tokens") if isinstance(answer, dict) else None
-        if not isinstance(tokens, list):
-            raise BackendError("POST /tokenize", "the answer holds no tokens")
-        return len(tokens)
+    def prepare(self, found, entry, template, slot):
+        """The first request of a variant with nothing saved, in its slot: evaluate the
+        head there alone, and save it, before the request goes on. "cold" either way
+        (the head was evaluated for it); a failure leaves the request to evaluate it."""
+        variant, caches = found.variant, self.backend.caches
+        try:
+            answer = self.backend.prompts.complete(slot, found.head)
+            timings = answer.get("timings") or {}
+            tokens = timings.get("cache_n", 0) + timings.get("prompt_n", 0)
+            self.backend.slots.mark(slot, variant.key, template.digest, ran=True)
+            caches.save(variant.prefix, template, slot, tokens, variant)
+        except BackendError as e:
+            log.warning("variant %s not saved: %s", variant.key, e)
+            return "cold"
+        self._keep_budget(variant, template)
+        return "cold"
 
-    def saved(self, key, template):
-        """The saved entry of a variant for this template version and model, or None."""
-        return self.backend.caches.registry.find(
-            key, template.digest, self.backend.slots.table.model
-        )
-
-    def restore_for_request(self, variant, entry, template, slot):
-        """Load the variant's saved file into the slot: "restored", "cold" (pinned, it
-        fills the slot), or "server" when nothing is saved and llama-server clears idle
-        slots (unpinned, its RAM cache may hold it)."""
+    def saves(self, variant):
+        """Whether a variant's head is saved: bioproxy must be able to delete its files
+        to keep them within the budget."""
         caches = self.backend.caches
-        saved = self.saved(variant.key, template)
-        if saved is None:
-            return "cold" if self.backend.pins() else "server"
-        return caches.restore_for_request(entry, None, template, slot, variant)
-
-    def used(self, variant, template):
-        """A request used the variant: its saved file is the most recently used now."""
-        saved = self.saved(variant.key, template)
-        if saved is not None:
-            saved["last_used"] = time.time()
-
-    def after_answer(self, variant, template, slot):
-        """A pinned request of the variant succeeded in the slot: save it, if not yet."""
-        if self.budget <= 0 or variant.key in self.saving:
-            return
-        caches = self.backend.caches
-        if caches.unsupported or self.saved(variant.key, template) is not None:
-            return
+        if self.budget <= 0 or variant.unsaved or caches.unsupported:
+            return False
         if not caches.registry.slot_save_path:
-            # Without the folder bioproxy cannot delete files, so it cannot keep the budget.
             self._tell(
                 "folder",
-                "variants (templates with a system message, tools...) are not saved: set "
-                "slot_save_path to llama-server's --slot-save-path folder, which bioproxy "
+                "variants (templates after a system message, with tools...) are not saved: "
+                "set slot_save_path to llama-server's --slot-save-path folder, which bioproxy "
                 "must reach to keep them within variant_budget_bytes",
             )
-            return
-        self.saving.add(variant.key)
-        self.pool.spawn(self._save, variant, template, slot)
+            return False
+        return True
 
-    def _save(self, variant, template, slot):
-        """Save the slot to the variant's file once no user needs it, if it still holds it."""
-        backend = self.backend
-        ticket = Ticket(WARMUP, variant.key, slot, label="variant save")
-        try:
-            with gevent.Timeout(SAVE_WAIT, False):
-                backend.scheduler.acquire(ticket)
-            if ticket.slot is None:
-                return
-            try:
-                if backend.slots.holds(slot, variant.key, template.digest):
-                    backend.caches.save_variant(variant, template, slot)
-                    evicted = backend.caches.registry.evict_variants(self.budget, variant.key)
-                    for key in evicted:
-                        backend.metrics.variant_evictions.labels(template_of(key)).inc()
-                        log.info("variant %s evicted: beyond variant_budget_bytes", key)
-            finally:
-                backend.scheduler.release(ticket)
-        except BackendError as e:
-            log.warning("saving variant %s failed: %s", variant.key, e)
-        except Exception:
-            log.exception("saving variant %s failed", variant.key)
-        finally:
-            self.saving.discard(variant.key)
-
-    def did_not_hold(self, variant, template, reused):
-        """A request restored from the variant's file reused less than its head: forget it."""
-        log.warning(
-            "variant %s was restored for a request, yet llama-server reused only %d of its "
-            "%s tokens: its saved file is not used again",
-            variant.key,
-            reused,
-            variant.tokens,
-        )
-        saved = self.saved(variant.key, template)
-        if saved is not None:
-            self.backend.caches.registry.forget(variant.key, saved["file"])
-
-    def prune(self, prefix, template):
-        """The template changed: forget the saved variants of its other versions."""
+    def _keep_budget(self, variant, template):
+        """After a save: the least recently used files deleted until the rest fit."""
         registry = self.backend.caches.registry
+        saved = self.backend.caches.find(variant.key, template)
+        if saved is not None and not saved.get("size"):
+            # bioproxy cannot read its own file: it could not keep the budget.
+            registry.forget(variant.key)
+            self._tell(
+                "unreadable",
+                "variants are not saved: bioproxy cannot read their files in slot_save_path",
+            )
+            self.budget = 0
+            return
+        for key in registry.evict_variants(self.budget, keep=variant.key):
+            self.backend.metrics.variant_evictions.labels(template_of(key)).inc()
+            if key == variant.key:
+                variant.unsaved = True
+                log.warning(
+                    "variant %s is larger than variant_budget_bytes (%d): not saved",
+                    key,
+                    self.budget,
+                )
+            else:
+                log.info("variant %s evicted: beyond variant_budget_bytes", key)
+
+    def make_ready(self, found, entry, template, slot):
+        """For a request of a variant its slot does not hold: restore the variant's file
+        ("restored"); with none, evaluate and save its head first ("cold"); when bioproxy
+        cannot save it, "cold" for its first request (pinned where bioproxy pins: it
+        fills its slot), then "server" (unpinned, to llama-server's own cache) where
+        bioproxy cannot pin, or "cold"."""
+        caches, variant = self.backend.caches, found.variant
+        if not caches.unsupported and caches.find(found.key, template) is not None:
+            return caches.restore_for_request(entry, None, template, slot, variant)
+        if self.saves(variant):
+            return self.prepare(found, entry, template, slot)
+        first = not any(variant.requests.values())
+        return "cold" if first or self.backend.pins() else "server"
+
+    def used(self, variant):
+        """A request used the variant: its file is the most recently used now (written to
+        saved.json at most every TOUCH_EVERY seconds)."""
+        self.backend.caches.registry.touch(variant.key, TOUCH_EVERY)
+
+    def prune(self):
+        """Forget the saved variants of templates no longer configured or since edited,
+        and those beyond the budget (lowered since, or 0)."""
+        registry, catalog = self.backend.caches.registry, self.backend.catalog
         for key, saved in list(registry.entries.items()):
-            if saved.get("template") == prefix and saved["digest"] != template.digest:
+            prefix = saved.get("template")
+            if prefix is None:
+                continue
+            entry = catalog.entries.get(prefix)
+            if entry is None or (entry.template and entry.digest != saved["digest"]):
                 registry.forget(key)
+        for key in registry.evict_variants(self.budget):
+            self.backend.metrics.variant_evictions.labels(template_of(key)).inc()
+            log.info("variant %s evicted: beyond variant_budget_bytes", key)
 
     def describe(self, prefix):
         """The template's variants, saved or seen, for /templates."""
@@ -295,20 +303,23 @@ class Variants:
                     "tokens": saved.get("head_tokens"),
                     "saved_file": saved["file"],
                     "bytes": saved.get("size"),
-                    "last_used": saved.get("last_used"),
+                    "last_used": saved.get("last_used") or saved.get("saved_at"),
                     "requests": None,
                 }
         for key, variant in self.known.items():
             if variant.prefix == prefix:
                 shown = found.setdefault(
                     key,
-                    {"key": key, "tokens": variant.tokens, "saved_file": None, "bytes": None},
+                    {
+                        "key": key,
+                        "tokens": variant.tokens,
+                        "saved_file": None,
+                        "bytes": None,
+                        "last_used": None,
+                    },
                 )
                 shown["requests"] = dict(variant.requests)
         return sorted(found.values(), key=lambda v: v["key"])
-
-    def close(self):
-        self.pool.kill()
 
     def _tell(self, what, message, *args):
         if what not in self.told:

@@ -134,9 +134,7 @@ class Warmer:
         """Read the templates again: one whose text is new is stale here."""
         for prefix in self.catalog.reload():
             self.backend.warmth[prefix].mark_stale()
-            template = self.catalog[prefix].template
-            if template is not None:
-                self.backend.variants.prune(prefix, template)
+            self.backend.variants.prune()  # its variants of the text before
 
     def due_now(self, prefix):
         warmth = self.backend.warmth[prefix]

@@ -100,6 +100,15 @@ class FakeLlama:
         system = SYSTEM + (f"<tools>{json.dumps(tools)}</tools>" if tools else "")
         return system + "".join(_text(m["content"]) + END for m in messages)
 
+    @staticmethod
+    def render_system_last(messages, tools=None):
+        """As a chat template that puts the system message before the last user turn."""
+        others = [m for m in messages if m.get("role") != "system"]
+        systems = [m for m in messages if m.get("role") == "system"]
+        last = max(i for i, m in enumerate(others) if m.get("role") == "user")
+        ordered = others[:last] + systems + others[last:]
+        return SYSTEM + "".join(_text(m["content"]) + END for m in ordered)
+
     def apply_template(self, request):
         body = json.loads(request.body)
         self.rendered.append(body)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bioproxy.variants import variant_key
+from bioproxy.slot_table import variant_key
 from tests.conftest import ADMIN_BASE, BACKEND
 from tests.fake_llama import END, SYSTEM
 from tests.test_warmup import CODE, REVIEW, backend, sample, warmer
@@ -46,9 +46,7 @@ def chat(client, words, *before, **extra):
     """A chat opened by `@code words`, after the messages before (a system message)."""
     messages = [*before, {"role": "user", "content": f"@code {words}"}]
     body = {"messages": messages, **extra}
-    answer = client.post("/v1/chat/completions", data=json.dumps(body), buffered=True)
-    backend(client.application).variants.pool.join(timeout=5)  # its save, if any
-    return answer
+    return client.post("/v1/chat/completions", data=json.dumps(body), buffered=True)
 
 
 def head_words(*before):
@@ -169,9 +167,7 @@ def test_array_content_after_a_system_message_is_a_variant_too(app, llama, clien
     def ask(words):
         content = [{"type": "text", "text": f"@code {words}"}]
         body = {"messages": [SYSTEM_MESSAGE, {"role": "user", "content": content}]}
-        answer = client.post("/v1/chat/completions", data=json.dumps(body), buffered=True)
-        backend(app).variants.pool.join(timeout=5)
-        return answer
+        return client.post("/v1/chat/completions", data=json.dumps(body), buffered=True)
 
     first, second = ask("Why?"), ask("How?")
 
@@ -197,8 +193,10 @@ def test_an_edited_template_never_restores_its_old_variants(app, llama, folder, 
 
 
 def test_variants_beyond_the_budget_are_evicted_least_recently_used_first(make_app, folder, llama):
-    # Each variant's file here is about 110 bytes: room for two.
-    app = make_app(**settings(folder, variant_budget_bytes=250))
+    # Each variant's file holds its head alone: room for two, not three.
+    size = len((SYSTEM + "Persona 0." + END + CODE.split("<")[0]).encode())
+    budget = 2 * size + size // 2
+    app = make_app(**settings(folder, variant_budget_bytes=budget))
     warmer(app).check()
     client, admin = app.test_client(), app.test_client(base_url=ADMIN_BASE)
     systems = [{"role": "system", "content": f"Persona {n}."} for n in range(3)]
@@ -213,7 +211,7 @@ def test_variants_beyond_the_budget_are_evicted_least_recently_used_first(make_a
     kept = {key.split(" ")[1] for key in saved_variants(app)}
     assert kept == {keys[0], keys[2]}
     sizes = [entry["size"] for entry in saved_variants(app).values()]
-    assert sum(sizes) <= 250 and min(sizes) > 250 / 3
+    assert sizes == [size, size]
     on_disk = {path.name for path in llama.folder.glob("*.bin")}
     assert {entry["file"] for entry in saved_variants(app).values()} <= on_disk
     assert len(on_disk) == 4  # the two templates' files and the two variants kept
@@ -263,3 +261,89 @@ def test_variant_keys_tell_heads_and_models_apart():
 
     assert len(keys) == 4
     assert all(key.startswith("@code ") for key in keys)
+
+
+def test_the_first_request_saves_the_head_alone_then_reuses_it(app, llama, client):
+    answer = chat(client, "How do I sort a dict?", SYSTEM_MESSAGE)
+
+    (entry,) = saved_variants(app).values()
+    saved = (llama.folder / entry["file"]).read_text()
+    assert saved == SYSTEM + SYSTEM_MESSAGE["content"] + END + CODE.split("<")[0]
+    assert "sort a dict" not in saved  # no user's words on disk
+    assert llama.evaluated[-1] == (llama.chats[-1]["id_slot"], saved)  # in the request's slot
+    assert answer.headers["X-Bioproxy-Cache"] == "cold"  # the head was evaluated for it
+    assert answer.get_json()["timings"]["cache_n"] >= head_words(SYSTEM_MESSAGE)
+
+
+def test_a_chat_template_that_moves_the_system_message_later_gets_no_variant(
+    app, llama, client, caplog
+):
+    llama.render = llama.render_system_last  # the head would not begin a later turn
+
+    answers = [chat(client, words, SYSTEM_MESSAGE) for words in ("Why?", "How?")]
+
+    assert [a.headers["X-Bioproxy-Cache"] for a in answers] == ["cold", "cold"]
+    assert all("X-Bioproxy-Variant" not in a.headers for a in answers)
+    assert saved_variants(app) == {}
+    assert "served as plain" in caplog.text
+
+
+def test_a_variant_larger_than_the_budget_alone_is_not_saved_and_others_stay(
+    make_app, folder, llama
+):
+    size = len((SYSTEM + "Short." + END + CODE.split("<")[0]).encode())
+    app = make_app(**settings(folder, variant_budget_bytes=size + 5))
+    warmer(app).check()
+    client = app.test_client()
+    chat(client, "Why?", {"role": "system", "content": "Short."})
+    long_system = {"role": "system", "content": "A much longer persona than the budget holds."}
+
+    chat(client, "Why?", long_system)
+    actions = len(llama.actions)
+    chat(client, "How?", long_system)
+
+    assert [e["template"] for e in saved_variants(app).values()] == ["@code"]
+    (kept,) = saved_variants(app).values()
+    assert kept["size"] == size  # the short one, saved first, stays
+    assert [a for a, _, _ in llama.actions[actions:]].count("save") == 0  # not tried again
+
+
+def test_at_start_up_variants_of_edited_templates_and_beyond_the_budget_go(
+    app, make_app, llama, folder, client
+):
+    chat(client, "Why?", SYSTEM_MESSAGE)
+    chat(client, "Why?", {"role": "system", "content": "Be terse."})
+    files = [e["file"] for e in saved_variants(app).values()]
+    assert len(files) == 2
+
+    smaller = make_app(**settings(folder, variant_budget_bytes=1))
+    assert saved_variants(smaller) == {}
+    assert not any((llama.folder / name).exists() for name in files)
+
+
+def test_variants_of_a_template_edited_while_bioproxy_was_stopped_are_deleted(
+    app, make_app, llama, folder, client
+):
+    chat(client, "Why?", SYSTEM_MESSAGE)
+    (old,) = saved_variants(app).values()
+    (folder / "code.txt").write_text("New instructions.\n<{message}>")
+
+    again = make_app(**settings(folder))
+
+    assert saved_variants(again) == {}
+    assert not (llama.folder / old["file"]).exists()
+
+
+def test_an_entry_of_saved_json_bioproxy_cannot_read_is_left_out(app, make_app, folder, llama):
+    state = backend(app).caches.registry.path
+    with open(state) as f:
+        entries = json.load(f)
+    entries["@code x"] = ["not", "an", "entry"]
+    entries["@review y"] = {"file": 3}
+    with open(state, "w") as f:
+        json.dump(entries, f)
+
+    again = make_app(**settings(folder))
+
+    assert "@code x" not in backend(again).caches.registry.entries
+    assert "@code" in backend(again).caches.registry.entries
