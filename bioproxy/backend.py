@@ -47,19 +47,20 @@ class Slots:
         self._tell_clearing()
         return restarted
 
-    def holds(self, slot, prefix, digest):
-        """Whether the slot still holds this template version."""
-        if self.table.holding(slot) != prefix:
+    def holds(self, slot, key, digest):
+        """Whether the slot still holds this template version (key: the template's prefix
+        or its variant's key)."""
+        if self.table.holding(slot) != key:
             return False  # no need to ask
         states = self.fetch_states()
-        held = self.table.holds(slot, prefix, digest, states.get(slot, UNKNOWN))
+        held = self.table.holds(slot, key, digest, states.get(slot, UNKNOWN))
         self._tell_clearing()
         return held
 
-    def mark(self, slot, prefix, digest, ran=False):
+    def mark(self, slot, key, digest, ran=False):
         """Record that the slot holds this template version now (see SlotTable.mark)."""
         states = self.fetch_states()
-        self.table.mark(slot, prefix, digest, states.get(slot, UNKNOWN), ran)
+        self.table.mark(slot, key, digest, states.get(slot, UNKNOWN), ran)
 
     def fetch_states(self):
         states = self.api.fetch_states()

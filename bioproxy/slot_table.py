@@ -54,7 +54,7 @@ class SlotTable:
         held = self.held.get(slot)
         return held[0] if held else None
 
-    def holds(self, slot, prefix, digest, state):
+    def holds(self, slot, key, digest, state):
         """Whether the slot still holds this template version, given its state now.
 
         Not if another task ran or runs there (or llama-server restarted), nor if it holds
@@ -63,7 +63,7 @@ class SlotTable:
         starts, keeping their task id (it copies them to its RAM cache first).
         """
         held = self.held.get(slot)
-        if not held or held[:2] != (prefix, digest):
+        if not held or held[:2] != (key, digest):
             return False
         task, busy, _ = state
         if (task, busy) != (held[2], False):
@@ -82,7 +82,7 @@ class SlotTable:
                 self.held.pop(slot, None)
                 self.cleared = True
 
-    def mark(self, slot, prefix, digest, state, ran=False):
+    def mark(self, slot, key, digest, state, ran=False):
         """Record that the slot, in this state now, holds this template version.
 
         ran: bioproxy just ran a task there (a completion), so the slot must show one. A
@@ -95,7 +95,7 @@ class SlotTable:
             # or a new server's empty slot.
             self.held.pop(slot, None)
             return
-        self.held[slot] = (prefix, digest, task, tokens)
+        self.held[slot] = (key, digest, task, tokens)
         self.tasks[slot] = max(self.tasks.get(slot, -1), task)
 
     def forget(self, slot):

@@ -30,7 +30,8 @@ class Ticket:
 
     def __init__(self, priority=USER, template=None, slot=None, label=None):
         self.priority = priority
-        self.template = template  # the template prefix it needs, None for a plain request
+        # The key of the cache it needs (a template prefix or a variant key), None for none.
+        self.template = template
         self.wanted = slot  # the one slot it must have (the client named it), or None
         self.label = label or ("warmup" if priority == WARMUP else "request")
         self.outcome = QUEUED

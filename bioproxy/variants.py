@@ -210,6 +210,10 @@ class Variants:
             answer = self.backend.prompts.complete(slot, found.head)
             timings = answer.get("timings") or {}
             tokens = timings.get("cache_n", 0) + timings.get("prompt_n", 0)
+            # Evaluated for this request: counted with its own tokens.
+            self.backend.metrics.tokens_evaluated.labels(entry.prefix).inc(
+                timings.get("prompt_n", 0)
+            )
             self.backend.slots.mark(slot, variant.key, template.digest, ran=True)
             caches.save(variant.prefix, template, slot, tokens, variant)
         except BackendError as e:
