@@ -205,19 +205,23 @@ class Variants:
         """The first request of a variant with nothing saved, in its slot: evaluate the
         head there alone, and save it, before the request goes on. "cold" either way
         (the head was evaluated for it); a failure leaves the request to evaluate it."""
-        variant, caches = found.variant, self.backend.caches
+        variant, backend = found.variant, self.backend
         try:
-            answer = self.backend.prompts.complete(slot, found.head)
-            timings = answer.get("timings") or {}
-            tokens = timings.get("cache_n", 0) + timings.get("prompt_n", 0)
-            # Evaluated for this request: counted with its own tokens.
-            self.backend.metrics.tokens_evaluated.labels(entry.prefix).inc(
-                timings.get("prompt_n", 0)
-            )
-            self.backend.slots.mark(slot, variant.key, template.digest, ran=True)
-            caches.save(variant.prefix, template, slot, tokens, variant)
+            answer = backend.prompts.complete(slot, found.head)
         except BackendError as e:
-            log.warning("variant %s not saved: %s", variant.key, e)
+            backend.slots.forget(slot)  # what it holds is not known
+            log.warning("variant %s not evaluated before its request: %s", variant.key, e)
+            return "cold"
+        timings = answer.get("timings") or {}
+        evaluated = timings.get("prompt_n") or 0
+        tokens = (timings.get("cache_n") or 0) + evaluated
+        # Evaluated for this request: counted with the tokens its answer evaluates.
+        backend.metrics.tokens_evaluated.labels(entry.prefix).inc(evaluated)
+        try:
+            backend.slots.mark(slot, variant.key, template.digest, ran=True)
+            backend.caches.save(variant.prefix, template, slot, tokens, variant)
+        except BackendError as e:
+            log.warning("variant %s not saved: %s", variant.key, e)  # still in its slot
             return "cold"
         self._keep_budget(variant, template)
         return "cold"

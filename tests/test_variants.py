@@ -7,18 +7,14 @@ import pytest
 from bioproxy.slot_table import variant_key
 from tests.conftest import ADMIN_BASE, BACKEND
 from tests.fake_llama import END, SYSTEM
-from tests.test_warmup import CODE, REVIEW, backend, sample, warmer
+from tests.test_warmup import CODE, backend, sample, templates_folder, warmer
 
 SYSTEM_MESSAGE = {"role": "system", "content": "Answer in French."}
 
 
 @pytest.fixture
 def folder(isolated_config):
-    folder = isolated_config.parent
-    (folder / "code.txt").write_text(CODE)
-    (folder / "review.txt").write_text(REVIEW)
-    (folder / "slots").mkdir()
-    return folder
+    return templates_folder(isolated_config)
 
 
 @pytest.fixture

@@ -19,14 +19,18 @@ CODE = "You answer coding questions well and briefly.\n<{message}>\nBe exact."
 REVIEW = "You review code.\n<{message}>"
 
 
-@pytest.fixture
-def folder(isolated_config):
-    """The config file's folder, with two templates in it."""
-    folder = isolated_config.parent
+def templates_folder(config_path):
+    """The config file's folder, with two templates and a slot folder in it."""
+    folder = config_path.parent
     (folder / "code.txt").write_text(CODE)
     (folder / "review.txt").write_text(REVIEW)
     (folder / "slots").mkdir()
     return folder
+
+
+@pytest.fixture
+def folder(isolated_config):
+    return templates_folder(isolated_config)
 
 
 @pytest.fixture

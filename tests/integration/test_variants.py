@@ -8,6 +8,9 @@ llama-server can save its slots. Warm is what llama-server's timings say; the an
 the ones llama-server gives the same messages without any cache (see test_llama_configs).
 """
 
+import contextlib
+import json
+
 import pytest
 import requests
 
@@ -79,16 +82,27 @@ def test_a_system_message_s_second_request_evaluates_only_the_user_s_words(tmp_p
     assert misses == 0, log
 
 
-def test_a_variant_is_restored_after_llama_server_and_bioproxy_restart(tmp_path):
+@contextlib.contextmanager
+def lab(tmp_path):
+    """llama-server with -np 2 and a slot folder, bioproxy in front, every template warm;
+    again the same servers (files and state kept) when entered again."""
     args, _ = USERS_CONFIGS["np2-slot-save-path"]
     folder = tmp_path / "slots"
-    work, settings = examples_workdir(tmp_path, folder)
+    work = tmp_path / "bioproxy"
+    if work.exists():
+        settings = json.loads((work / "config.json").read_text())
+    else:
+        work, settings = examples_workdir(tmp_path, folder)
     with users_llama(tmp_path, args, folder) as llama, Bioproxy(llama.url, work, settings) as bp:
         wait_until(bp.all_warm, what="every template warm")
+        yield llama, bp, work
+
+
+def test_a_variant_is_restored_after_llama_server_and_bioproxy_restart(tmp_path):
+    with lab(tmp_path) as (llama, bp, work):
         first = ask(bp.proxy_url, QUESTIONS[0])
         wait_until(lambda: saved_variant(bp), what="the variant saved")
-    with users_llama(tmp_path, args, folder) as llama, Bioproxy(llama.url, work, settings) as bp:
-        wait_until(bp.all_warm, what="every template warm again")
+    with lab(tmp_path) as (llama, bp, work):
         answer = ask(bp.proxy_url, QUESTIONS[1])
         wait_until(lambda: restored(saved_variant(bp)), what="the request counted")
         listed = saved_variant(bp)
@@ -116,11 +130,7 @@ def saved_variant(bp):
 
 
 def test_a_follow_up_after_a_system_message_evaluates_only_its_new_words(tmp_path):
-    args, _ = USERS_CONFIGS["np2-slot-save-path"]
-    folder = tmp_path / "slots"
-    work, settings = examples_workdir(tmp_path, folder)
-    with users_llama(tmp_path, args, folder) as llama, Bioproxy(llama.url, work, settings) as bp:
-        wait_until(bp.all_warm, what="every template warm")
+    with lab(tmp_path) as (llama, bp, work):
         opening = user(f"@code {QUESTIONS[0]}")
         first = post(bp.proxy_url, body(SYSTEM_MESSAGE, opening))
         reply = {"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]}
