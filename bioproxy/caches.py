@@ -76,6 +76,11 @@ class SavedCaches:
             self.registry.forget(key, name)
             self.registry.delete_file(name)
             raise
+        except BaseException:
+            # Killed meanwhile (a client that left, a warmup stopped): a file nothing
+            # records would stay on disk, outside any budget.
+            self.registry.delete_file(name)
+            raise
         self.unsupported = False
         # A variant's entry names its template, for /templates and the pruning.
         more = {"template": prefix, "head_tokens": variant.tokens} if variant else {}

@@ -39,11 +39,21 @@ def off_loop(function, *args):
 
 def _readable(entry):
     """Whether a saved.json entry has the fields bioproxy reads, of their types."""
-    return (
-        isinstance(entry, dict)
-        and all(isinstance(entry.get(k), str) for k in ("file", "digest", "model"))
-        and isinstance(entry.get("template", ""), str)
-    )
+    if not isinstance(entry, dict):
+        return False
+    texts = all(isinstance(entry.get(k), str) for k in ("file", "digest", "model"))
+    numbers = all(
+        _number(entry.get(k, 0)) for k in ("size", "saved_at", "last_used", "tokens")
+    ) and _count(entry.get("head_tokens", 0))
+    return texts and numbers and isinstance(entry.get("template", ""), str)
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def _count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _stamp(info):

@@ -18,6 +18,7 @@ least recently used deleted first.
 import hashlib
 import json
 import logging
+import time
 from collections import OrderedDict
 
 from .prompts import SENTINEL, template_body
@@ -61,8 +62,29 @@ NOT_RENDERED = frozenset(
         "samplers",
         "timings_per_token",
         "return_progress",
+        "mirostat",
+        "mirostat_tau",
+        "mirostat_eta",
+        "dry_multiplier",
+        "dry_base",
+        "dry_allowed_length",
+        "dry_penalty_last_n",
+        "dry_sequence_breakers",
+        "xtc_probability",
+        "xtc_threshold",
+        "top_n_sigma",
+        "dynatemp_range",
+        "dynatemp_exponent",
+        "ignore_eos",
+        "n_keep",
+        "t_max_predict_ms",
+        "grammar",
+        "post_sampling_probs",
+        "response_fields",
+        "return_tokens",
     }
 )
+SAVE_RETRY = 60.0  # seconds before a variant whose save failed is tried again
 MAX_HEAD_CHARS = 16_000_000  # characters of rendered heads remembered, all shapes together
 MAX_KNOWN = 1024  # variants remembered in memory (their saved files are on disk)
 TOUCH_EVERY = 60.0  # seconds: how stale a saved variant's last use may be in saved.json
@@ -108,6 +130,8 @@ class Variant:
         self.requests = {"slot": 0, "restored": 0, "server": 0, "cold": 0}
         self.missed = set()  # the expectations found wrong, logged once each
         self.unsaved = False  # its file would not fit the budget: not saved again
+        self.retry_at = 0.0  # after a failed save, not saved again before this monotonic time
+        self.preparing = False  # a request is evaluating and saving its head
 
     def count_request(self, cache):
         self.requests[cache] += 1
@@ -131,6 +155,7 @@ class Variants:
         self.head_chars = 0
         self.known = OrderedDict()  # key -> Variant, the most recently used last
         self.told = set()  # what was logged once
+        self.unreadable = False  # bioproxy could not read a file it saved: none saved
 
     def find(self, entry, template, match):
         """The cache a templated request that opened its conversation can reuse.
@@ -152,8 +177,10 @@ class Variants:
             if head is not None and head == own:
                 return Found(entry.prefix)
         except BackendError as e:
-            self._tell("head", "cannot render a request's head, served as plain: %s", e)
-            return Found(None)
+            self._tell("head", "cannot render a request's head: %s", e)
+            # With no message before it, the template's own cache may still apply: its
+            # answer's timings will tell.
+            return Found(entry.prefix if match.opening == 0 else None)
         if head is None:
             self._tell(
                 "unstable",
@@ -206,23 +233,30 @@ class Variants:
         head there alone, and save it, before the request goes on. "cold" either way
         (the head was evaluated for it); a failure leaves the request to evaluate it."""
         variant, backend = found.variant, self.backend
+        variant.preparing = True
         try:
             answer = backend.prompts.complete(slot, found.head)
+            timings = (answer if isinstance(answer, dict) else {}).get("timings") or {}
+            evaluated, reused = timings.get("prompt_n"), timings.get("cache_n")
+            if not all(isinstance(n, int) and n >= 0 for n in (evaluated, reused)):
+                raise BackendError("POST /completion", "the answer holds no timings")
         except BackendError as e:
             backend.slots.forget(slot)  # what it holds is not known
             log.warning("variant %s not evaluated before its request: %s", variant.key, e)
+            variant.preparing = False
             return "cold"
-        timings = answer.get("timings") or {}
-        evaluated = timings.get("prompt_n") or 0
-        tokens = (timings.get("cache_n") or 0) + evaluated
         # Evaluated for this request: counted with the tokens its answer evaluates.
         backend.metrics.tokens_evaluated.labels(entry.prefix).inc(evaluated)
         try:
             backend.slots.mark(slot, variant.key, template.digest, ran=True)
-            backend.caches.save(variant.prefix, template, slot, tokens, variant)
+            backend.caches.save(variant.prefix, template, slot, reused + evaluated, variant)
         except BackendError as e:
-            log.warning("variant %s not saved: %s", variant.key, e)  # still in its slot
+            # Still in its slot; saved again after a pause (a full disk, a busy slot).
+            log.warning("variant %s not saved: %s", variant.key, e)
+            variant.retry_at = time.monotonic() + SAVE_RETRY
             return "cold"
+        finally:
+            variant.preparing = False
         self._keep_budget(variant, template)
         return "cold"
 
@@ -230,7 +264,9 @@ class Variants:
         """Whether a variant's head is saved: bioproxy must be able to delete its files
         to keep them within the budget."""
         caches = self.backend.caches
-        if self.budget <= 0 or variant.unsaved or caches.unsupported:
+        if self.budget <= 0 or variant.unsaved or caches.unsupported or self.unreadable:
+            return False
+        if variant.preparing or time.monotonic() < variant.retry_at:
             return False
         if not caches.registry.slot_save_path:
             self._tell(
@@ -251,9 +287,10 @@ class Variants:
             registry.forget(variant.key)
             self._tell(
                 "unreadable",
-                "variants are not saved: bioproxy cannot read their files in slot_save_path",
+                "variants are not saved until bioproxy restarts: it cannot read their files "
+                "in slot_save_path, and could not keep them within variant_budget_bytes",
             )
-            self.budget = 0
+            self.unreadable = True
             return
         for key in registry.evict_variants(self.budget, keep=variant.key):
             self.backend.metrics.variant_evictions.labels(template_of(key)).inc()
@@ -270,16 +307,16 @@ class Variants:
     def make_ready(self, found, entry, template, slot):
         """For a request of a variant its slot does not hold: restore the variant's file
         ("restored"); with none, evaluate and save its head first ("cold"); when bioproxy
-        cannot save it, "cold" for its first request (pinned where bioproxy pins: it
-        fills its slot), then "server" (unpinned, to llama-server's own cache) where
-        bioproxy cannot pin, or "cold"."""
+        cannot save it, "cold" for its first request, then "server" (unpinned, to
+        llama-server's own cache)."""
         caches, variant = self.backend.caches, found.variant
         if not caches.unsupported and caches.find(found.key, template) is not None:
             return caches.restore_for_request(entry, None, template, slot, variant)
         if self.saves(variant):
             return self.prepare(found, entry, template, slot)
-        first = not any(variant.requests.values())
-        return "cold" if first or self.backend.pins() else "server"
+        # Not saved here: its first request fills its slot (pinned), the later ones go
+        # unpinned, for llama-server to place where a slot or its RAM cache holds it.
+        return "server" if any(variant.requests.values()) else "cold"
 
     def used(self, variant):
         """A request used the variant: its file is the most recently used now (written to

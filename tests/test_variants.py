@@ -336,10 +336,40 @@ def test_an_entry_of_saved_json_bioproxy_cannot_read_is_left_out(app, make_app, 
         entries = json.load(f)
     entries["@code x"] = ["not", "an", "entry"]
     entries["@review y"] = {"file": 3}
+    entries["@code z"] = {"file": "f.bin", "digest": "d", "model": "m", "size": "big"}
     with open(state, "w") as f:
         json.dump(entries, f)
 
     again = make_app(**settings(folder))
 
-    assert "@code x" not in backend(again).caches.registry.entries
+    assert not {"@code x", "@review y", "@code z"} & set(backend(again).caches.registry.entries)
     assert "@code" in backend(again).caches.registry.entries
+
+
+def test_a_failed_save_is_not_tried_again_at_once(app, llama, client):
+    llama.status["save"] = 500
+
+    first = chat(client, "Why?", SYSTEM_MESSAGE)
+    llama.run_other_task(llama.chats[-1]["id_slot"])
+    saves = [a for a, _, _ in llama.actions].count("save")
+    again = chat(client, "How?", SYSTEM_MESSAGE)
+
+    assert first.status_code == again.status_code == 200
+    assert first.headers["X-Bioproxy-Cache"] == "cold"
+    assert saved_variants(app) == {}
+    assert [a for a, _, _ in llama.actions].count("save") == saves  # within SAVE_RETRY
+    assert again.headers["X-Bioproxy-Cache"] == "server"  # to llama-server's own cache
+    assert "id_slot" not in llama.chats[-1]
+
+
+def test_a_request_s_head_not_rendered_keeps_the_template_when_nothing_is_before_it(
+    app, llama, client
+):
+    import responses
+
+    responses.replace("POST", f"{BACKEND}/apply-template", status=500, json={"error": {}})
+
+    answer = chat(client, "Why?", tools=[{"type": "function", "function": {"name": "f"}}])
+
+    assert answer.headers["X-Bioproxy-Cache"] == "slot"  # its timings then tell
+    assert "X-Bioproxy-Variant" not in answer.headers
