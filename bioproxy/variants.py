@@ -106,6 +106,9 @@ def shape_of(match, template):
     index = match.opening
     holder, key = match.places[0][:2]
     opening = messages[index]
+    rest = {k: v for k, v in body.items() if k not in NOT_RENDERED}
+    if index == 0 and not rest and holder is opening and opening.keys() == {"role", "content"}:
+        return None  # told before rendering: most templated requests are this one
     text = template.render(SENTINEL)
     if holder is opening:
         message = {**opening, key: text}
@@ -113,9 +116,6 @@ def shape_of(match, template):
         parts = opening["content"]
         cut = next(n for n, part in enumerate(parts) if part is holder)
         message = {**opening, "content": [*parts[:cut], {**holder, key: text}]}
-    rest = {k: v for k, v in body.items() if k not in NOT_RENDERED}
-    if index == 0 and not rest and message == {"role": "user", "content": text}:
-        return None
     return {**rest, "messages": [*messages[:index], message]}
 
 
@@ -190,22 +190,28 @@ class Variants:
             )
             return Found(None)
         key = variant_key(entry.prefix, head, model)
-        variant = self.known.get(key)
-        if variant is None or variant.digest != template.digest:
+        variant = self._known(key, template)
+        if variant is None:
             saved = self.backend.caches.find(key, template)
             try:
                 tokens = (saved or {}).get("head_tokens") or self.backend.prompts.count(head)
             except BackendError as e:
                 self._tell("tokens", "cannot count a variant's tokens, served as plain: %s", e)
                 return Found(None)
-            variant = self.known.get(key)  # another request may have made it meanwhile
-            if variant is None or variant.digest != template.digest:
+            # Another request may have made it while this one counted.
+            variant = self._known(key, template)
+            if variant is None:
                 variant = Variant(key, entry.prefix, template.digest, tokens)
                 self.known[key] = variant
             while len(self.known) > MAX_KNOWN:
                 self.known.popitem(last=False)
         self.known.move_to_end(key)
         return Found(key, variant, head)
+
+    def _known(self, key, template):
+        """The Variant remembered for this key and template version, or None."""
+        variant = self.known.get(key)
+        return variant if variant is not None and variant.digest == template.digest else None
 
     def _head(self, shape, model, later=True):
         """The head llama-server renders for a shape, remembered. later: None if it
@@ -232,8 +238,18 @@ class Variants:
         """The first request of a variant with nothing saved, in its slot: evaluate the
         head there alone, and save it, before the request goes on. "cold" either way
         (the head was evaluated for it); a failure leaves the request to evaluate it."""
-        variant, backend = found.variant, self.backend
+        variant = found.variant
         variant.preparing = True
+        try:
+            if self._evaluate_and_save(found, entry, template, slot):
+                self._keep_budget(variant, template)
+        finally:
+            variant.preparing = False
+        return "cold"
+
+    def _evaluate_and_save(self, found, entry, template, slot):
+        """prepare()'s work: whether the head was evaluated in the slot and saved."""
+        variant, backend = found.variant, self.backend
         try:
             answer = backend.prompts.complete(slot, found.head)
             timings = (answer if isinstance(answer, dict) else {}).get("timings") or {}
@@ -243,8 +259,7 @@ class Variants:
         except BackendError as e:
             backend.slots.forget(slot)  # what it holds is not known
             log.warning("variant %s not evaluated before its request: %s", variant.key, e)
-            variant.preparing = False
-            return "cold"
+            return False
         # Evaluated for this request: counted with the tokens its answer evaluates.
         backend.metrics.tokens_evaluated.labels(entry.prefix).inc(evaluated)
         try:
@@ -254,11 +269,8 @@ class Variants:
             # Still in its slot; saved again after a pause (a full disk, a busy slot).
             log.warning("variant %s not saved: %s", variant.key, e)
             variant.retry_at = time.monotonic() + SAVE_RETRY
-            return "cold"
-        finally:
-            variant.preparing = False
-        self._keep_budget(variant, template)
-        return "cold"
+            return False
+        return True
 
     def saves(self, variant):
         """Whether a variant's head is saved: bioproxy must be able to delete its files
@@ -292,17 +304,23 @@ class Variants:
             )
             self.unreadable = True
             return
-        for key in registry.evict_variants(self.budget, keep=variant.key):
+        if variant.key in self._evict(keep=variant.key):
+            variant.unsaved = True
+            log.warning(
+                "variant %s is larger than variant_budget_bytes (%d): not saved",
+                variant.key,
+                self.budget,
+            )
+
+    def _evict(self, keep=None):
+        """Delete the least recently used variants' files beyond the budget, counted and
+        logged: the keys evicted (see Registry.evict_variants)."""
+        evicted = self.backend.caches.registry.evict_variants(self.budget, keep)
+        for key in evicted:
             self.backend.metrics.variant_evictions.labels(template_of(key)).inc()
-            if key == variant.key:
-                variant.unsaved = True
-                log.warning(
-                    "variant %s is larger than variant_budget_bytes (%d): not saved",
-                    key,
-                    self.budget,
-                )
-            else:
+            if key != keep:
                 log.info("variant %s evicted: beyond variant_budget_bytes", key)
+        return evicted
 
     def make_ready(self, found, entry, template, slot):
         """For a request of a variant its slot does not hold: restore the variant's file
@@ -334,9 +352,7 @@ class Variants:
             entry = catalog.entries.get(prefix)
             if entry is None or (entry.template and entry.digest != saved["digest"]):
                 registry.forget(key)
-        for key in registry.evict_variants(self.budget):
-            self.backend.metrics.variant_evictions.labels(template_of(key)).inc()
-            log.info("variant %s evicted: beyond variant_budget_bytes", key)
+        self._evict()
 
     def describe(self, prefix):
         """The template's variants, saved or seen, for /templates."""
