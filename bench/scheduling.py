@@ -256,7 +256,7 @@ class DuringWarmup:
             return idle, busy, seconds
 
     @staticmethod
-    def user(url, pause=0.0, **extra):
+    def user(url, pause=0.0, content="Say hi.", **extra):
         """Time to the first token of a short request (after a pause, to let the last one end).
 
         The client hangs up at the first token; llama-server generates on until bioproxy's
@@ -264,7 +264,7 @@ class DuringWarmup:
         """
         time.sleep(pause)
         body = {
-            "messages": [{"role": "user", "content": "Say hi."}],
+            "messages": [{"role": "user", "content": content}],
             "max_tokens": 4,
             "stream": True,
             **extra,

@@ -9,6 +9,7 @@ import time
 from flask import current_app
 
 from .caches import SavedCaches
+from .evaluator import Evaluator
 from .gate import Gate
 from .prompts import Prompts
 from .registry import Registry
@@ -116,6 +117,16 @@ class Backend:
         registry = Registry(paths.state_dir, paths.slot_save_path)
         self.caches = SavedCaches(registry, self.slots, self.prompts, metrics, self.discarded)
         self.variants = Variants(self, settings.variant_budget_bytes)
+        self.evaluator = None
+        if settings.warmup_backend_url:
+            evaluator = Upstream(
+                settings.warmup_backend_url,
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.upstream_timeout,
+                health_timeout=settings.health_timeout,
+                api_key=settings.backend_api_key,
+            )
+            self.evaluator = Evaluator(evaluator, settings.slot_timeout, settings.upstream_timeout)
 
     def open(self):
         """Read what was saved; forget the files of templates no longer configured."""
@@ -157,10 +168,13 @@ class Backend:
                 + "requests go unpinned, for it to place where its RAM cache (--cache-ram) "
                 "or a slot holds the template"
             )
+        if self.evaluator is not None and self.evaluator.problem:
+            notes.append(f"the warmup llama-server is not used: {self.evaluator.problem}")
         return {
             "pinned": pins,
             "clears_idle_slots": table.cleared,
             "saves": not self.caches.unsupported,
+            "warmup_backend": self.evaluator and self.evaluator.describe(),
             "notes": notes,
         }
 

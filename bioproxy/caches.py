@@ -43,17 +43,18 @@ class SavedCaches:
         variant's key) for this template version on the loaded model, or None."""
         return self.registry.find(key, template.digest, self.slots.table.model)
 
-    def save(self, prefix, template, slot, tokens, variant=None):
+    def save(self, prefix, template, slot, tokens, variant=None, api=None):
         """Save the evaluated slot to its file and record it: the template's head, or its
         variant's (variant given).
 
         A llama-server that cannot save (SlotsUnsupported: no --slot-save-path) leaves the
-        template warm in its slot only. Any other failure raises BackendError.
+        template warm in its slot only. Any other failure raises BackendError. api: the
+        warmup llama-server's slot API (evaluator.py), whose SlotsUnsupported is raised.
         """
         key = variant.key if variant else prefix
         name = filename(key, template.digest, self.slots.table.model)
         try:
-            saved = self.slots.api.save(slot, name)
+            saved = (api or self.slots.api).save(slot, name)
             # The prefix plus the one token llama-server generates; anything else means
             # another request ran in the slot first, or llama-server restarted (a new
             # server saves its empty slot: 0 tokens, and no error).
@@ -63,6 +64,8 @@ class SavedCaches:
                 )
         except SlotsUnsupported as e:
             self.metrics.saves.labels(prefix, "failed").inc()
+            if api is not None:
+                raise
             if prefix not in self.unsaved:  # said once per template
                 self.unsaved.add(prefix)
                 log.warning("template %s not saved (no --slot-save-path?): %s", prefix, e)
@@ -81,7 +84,8 @@ class SavedCaches:
             # records would stay on disk, outside any budget.
             self.registry.delete_file(name)
             raise
-        self.unsupported = False
+        if api is None:
+            self.unsupported = False
         # A variant's entry names its template, for /templates and the pruning.
         more = {"template": prefix, "head_tokens": variant.tokens} if variant else {}
         self.registry.record(key, template.digest, self.slots.table.model, saved, **more)

@@ -4,6 +4,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -59,6 +60,39 @@ def start_local_backend(settings, binary=None):
     # bioproxy may then delete the slot files of templates that changed.
     os.environ.setdefault(config.env_name("slot_save_path"), server.slot_save_path)
     return server
+
+
+def start_evaluator(server):
+    """The warmup llama-server (bioproxy/evaluator.py): started as server was, on a port of
+    its own, at the lowest CPU priority; None, said, if it does not start."""
+    evaluator = llamacpp.LlamaServer(
+        port=free_port(server.host or "127.0.0.1"),
+        host=server.host,
+        slots=server.slots,
+        context=server.context,
+        slot_save_path=server.slot_save_path,
+        log_path=os.path.join(os.path.dirname(server.log_path), "warmup-llama-server.log"),
+        binary=server.binary,
+        nice=19,
+    )
+    print(f"Starting the warmup llama-server on {evaluator.url} (its log: {evaluator.log_path})")
+    try:
+        evaluator.start().wait_ready()
+    except (llamacpp.LlamaServerError, OSError, subprocess.SubprocessError) as e:
+        evaluator.stop()
+        print(f"  not started ({e}): warmups are evaluated in llama-server's own slots")
+        return None
+    except BaseException:  # Ctrl+C while it loads
+        evaluator.stop()
+        raise
+    os.environ[config.env_name("warmup_backend_url")] = evaluator.url
+    return evaluator
+
+
+def free_port(host):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 # Flags of the original bioproxy, and the config key each sets.
@@ -190,14 +224,19 @@ def main(argv=None):
             backend = start_local_backend(settings)
         except llamacpp.LlamaServerError as e:
             sys.exit(f"bioproxy: {e}")
-        return run_beside(backend)
+        try:
+            evaluator = None if settings.warmup_backend_url else start_evaluator(backend)
+        except BaseException:
+            backend.stop()
+            raise
+        return run_beside(backend, evaluator)
     # Nothing of ours to stop afterwards: gunicorn takes this process over, so a service
     # manager's signals (SIGTERM, SIGHUP) reach gunicorn's master directly.
     sys.stdout.flush()
     os.execv(sys.executable, gunicorn_command())
 
 
-def run_beside(backend):
+def run_beside(backend, evaluator=None):
     """Run gunicorn as a child, passing signals on, and stop the local llama-server after.
 
     If the local llama-server ends on its own, bioproxy says why and stops too: it has
@@ -223,7 +262,11 @@ def run_beside(backend):
                 server.wait()
                 return 1
     finally:
-        backend.stop()
+        try:
+            if evaluator is not None:
+                evaluator.stop()
+        finally:
+            backend.stop()
 
 
 if __name__ == "__main__":

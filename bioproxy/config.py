@@ -52,6 +52,9 @@ class Settings:
     warmup_only_when_idle: bool = True
     warmup_concurrency: int = 1
     warmup_piece_chars: int = 150
+    # A second llama-server, started like backend_url's with the same slot folder, that
+    # evaluates the warmups (see bioproxy/evaluator.py). Empty: warmups use backend_url's slots.
+    warmup_backend_url: str = ""
     # Disk space the saved caches of templates' variants (a template with a client's own
     # system message, tools...) may take; the least recently used go first. 0: none saved.
     variant_budget_bytes: int = 2 * 1024**3

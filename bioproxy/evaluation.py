@@ -23,7 +23,7 @@ class Superseded(Exception):
 
 class Evaluation:
     """One template version being evaluated into one slot (while in the gate's runs, a
-    user arriving cancels it)."""
+    user arriving cancels it; with gate None, in the warmup llama-server, nobody does)."""
 
     def __init__(self, entry, slot, template, prompts, gate):
         self.entry = entry  # the catalog's entry: is_current() tells an edit meanwhile
@@ -78,7 +78,7 @@ class Evaluation:
             response.close()  # if left unread: llama-server stops once it sees it closed
 
     def _check(self):
-        if not self.cancelled and self.gate.holds_off():
+        if not self.cancelled and self.gate is not None and self.gate.holds_off():
             self.cancel()
         if not self.entry.is_current(self.template):
             raise Superseded()

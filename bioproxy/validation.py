@@ -49,7 +49,7 @@ def _problem(key, value):
         return "must be a port number from 1 to 65535"
     if key.endswith("_host") and not value.strip():
         return "must not be empty"
-    if key == "backend_url":
+    if key == "backend_url" or (key == "warmup_backend_url" and value):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return "must be an http:// or https:// URL with a host"

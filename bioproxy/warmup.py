@@ -1,9 +1,10 @@
 """One template's warmup in one llama-server: restore its saved cache, else evaluate it.
 
-An evaluation waits until no user is in flight (with warmup_only_when_idle), and runs
-behind every user request in the scheduler's queue; a restore takes milliseconds and goes
-ahead. Both take a slot of their own from the scheduler, so no request runs beside them
-in it.
+With a warmup llama-server (warmup_backend_url, evaluator.py), the template is evaluated
+and saved there, beside users, and then restored here like any saved cache. Otherwise an
+evaluation waits until no user is in flight (with warmup_only_when_idle), and runs behind
+every user request in the scheduler's queue; a restore takes milliseconds and goes ahead.
+Both take a slot of their own from the scheduler, so no request runs beside them in it.
 """
 
 import logging
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 RECENT_WARMUPS = 20  # evaluations /status lists
 # What a warmup's restore came to.
 RESTORED, EVALUATE, FAILED = "restored", "evaluate", "failed"
+# An evaluation in the warmup llama-server whose template changed meanwhile.
+SUPERSEDED = "superseded"
 
 
 class Warmups:
@@ -35,10 +38,15 @@ class Warmups:
     def warm(self, prefix):
         """Make a template's cache warm in a slot and saved: restore it, else evaluate it."""
         backend, entry, warmth = self.backend, self.catalog[prefix], self.backend.warmth[prefix]
+        elsewhere = None  # the template version the warmup llama-server saved, if any
         if warmth.forced or backend.caches.find(prefix, entry.template) is None:
-            # Evaluating takes seconds and slows every slot: users first. (A restore
-            # takes milliseconds and goes ahead.)
-            backend.gate.wait_until_idle()
+            elsewhere = self.evaluate_elsewhere(entry, warmth)
+            if elsewhere is SUPERSEDED:
+                return
+            if elsewhere is None:
+                # Evaluating here takes seconds and slows every slot: users first. (A
+                # restore takes milliseconds and goes ahead.)
+                backend.gate.wait_until_idle()
         ticket = Ticket(WARMUP, prefix)  # behind every user request in the queue
         slot = backend.scheduler.acquire(ticket)
         try:
@@ -46,10 +54,63 @@ class Warmups:
             template = entry.template
             if template is None:
                 return
-            if warmth.forced or self.restore(entry, warmth, template, slot) == EVALUATE:
+            if elsewhere is not None:
+                # Saved there: restored here, even if forced again meanwhile.
+                if self.restore(entry, warmth, template, slot) == EVALUATE:
+                    self.not_restored(entry, warmth, template, slot, elsewhere)
+            elif warmth.forced or self.restore(entry, warmth, template, slot) == EVALUATE:
                 self.evaluate(entry, warmth, template, slot)
         finally:
             backend.scheduler.release(ticket)
+
+    def evaluate_elsewhere(self, entry, warmth):
+        """Evaluate and save the template in the warmup llama-server: the version saved,
+        SUPERSEDED, or None when there is none or it cannot (then it is warmed here)."""
+        evaluator = self.backend.evaluator
+        if evaluator is None:
+            return None
+        with evaluator.lock:
+            model = self.backend.slots.table.model
+            if not evaluator.usable(model):
+                return None
+            template = entry.template  # read after usable(), which waits for answers
+            if template is None:
+                return None
+            warmth.mark_warming()
+            log.info("warming template %s in the warmup llama-server", entry.prefix)
+            run = Evaluation(entry, evaluator.SLOT, template, evaluator.prompts, gate=None)
+            try:
+                head = self.backend.prompts.fetch_head(template)
+                tokens, evaluated = run.run(head, self.piece_chars, in_one_piece=True)
+                if self.backend.slots.table.model != model:
+                    raise BackendError("warmup", "llama-server's model changed meanwhile")
+                caches = self.backend.caches
+                caches.save(entry.prefix, template, run.slot, tokens, api=evaluator.api)
+            except Exception as e:
+                if not entry.is_current(template):
+                    self.superseded(run)
+                    return SUPERSEDED
+                warmth.mark_stale()  # warmed here now, or by the next pass
+                if isinstance(e, SlotsUnsupported):
+                    evaluator.refuse(f"it cannot save slots ({e})")
+                else:
+                    evaluator.pause(f"warming {entry.prefix} there failed ({e})")
+                return None
+        self.warmed(run, warmth, tokens, evaluated)
+        return template
+
+    def not_restored(self, entry, warmth, template, slot, saved):
+        """The file the warmup llama-server saved did not restore here (or its proof failed)."""
+        backend = self.backend
+        if saved is template and backend.caches.find(entry.prefix, template) is None:
+            if backend.slots.holds(slot, entry.prefix, template.digest):
+                # The proof evaluated the head here in full: save that instead.
+                self.evaluate(entry, warmth, template, slot)
+                return
+            if backend.slots.table.model is not None:
+                # Not a restart meanwhile: the two do not share a slot folder.
+                backend.evaluator.refuse("a slot it saved did not restore (another folder?)")
+        warmth.mark_stale()  # warmed by the next pass
 
     def restore(self, entry, warmth, template, slot):
         """Restore the saved cache and prove it: RESTORED, EVALUATE (no usable file) or FAILED.

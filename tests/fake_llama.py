@@ -14,7 +14,8 @@ END = "<end><assistant>"
 class FakeLlama:
     """Slots with task ids, a slot folder, a chat template; counts what it is asked."""
 
-    def __init__(self, slots=2, model="/models/m.gguf"):
+    def __init__(self, slots=2, model="/models/m.gguf", base=BACKEND):
+        self.base = base
         self.model = model
         self.tasks = {i: -1 for i in range(slots)}
         self.contents = dict.fromkeys(range(slots), "")  # text each slot holds
@@ -38,13 +39,14 @@ class FakeLlama:
         self.rendered = []  # bodies of /apply-template
 
     def install(self):
-        responses.add_callback("GET", f"{BACKEND}/props", self.props)
-        responses.add_callback("GET", f"{BACKEND}/slots", self.slots)
-        responses.add_callback("POST", f"{BACKEND}/apply-template", self.apply_template)
-        responses.add_callback("POST", f"{BACKEND}/tokenize", self.tokenize)
-        responses.add_callback("POST", f"{BACKEND}/completion", self.completion)
-        responses.add_callback("POST", re.compile(rf"{BACKEND}/slots/\d+\?action=\w+"), self.action)
-        responses.add_callback("POST", f"{BACKEND}/v1/chat/completions", self.chat)
+        responses.add_callback("GET", f"{self.base}/props", self.props)
+        responses.add_callback("GET", f"{self.base}/slots", self.slots)
+        responses.add_callback("POST", f"{self.base}/apply-template", self.apply_template)
+        responses.add_callback("POST", f"{self.base}/tokenize", self.tokenize)
+        responses.add_callback("POST", f"{self.base}/completion", self.completion)
+        actions = re.compile(rf"{self.base}/slots/\d+\?action=\w+")
+        responses.add_callback("POST", actions, self.action)
+        responses.add_callback("POST", f"{self.base}/v1/chat/completions", self.chat)
         return self
 
     def restart(self, model=None):

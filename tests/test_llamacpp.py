@@ -148,3 +148,34 @@ def test_integration_tests_stop_at_once_with_the_cause_when_llama_server_cannot_
     assert run.returncode == 1, run.stdout[-2000:]
     assert "no integration test can run: llama-server exited with signal SIGSEGV" in run.stdout
     assert " passed" not in run.stdout and " error" not in run.stdout, run.stdout[-2000:]
+
+
+def test_a_warmup_llama_server_that_cannot_start_leaves_warmups_to_the_serving_one(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.delenv("BIOPROXY_WARMUP_BACKEND_URL", raising=False)
+    serving = llamacpp.LlamaServer(
+        free_port(),
+        slot_save_path=str(tmp_path / "slots"),
+        log_path=str(tmp_path / "llama-server.log"),
+        binary=fake_binary(tmp_path, CRASHES),
+    )
+    assert cli.start_evaluator(serving) is None
+    assert "not started (llama-server exited with signal SIGSEGV" in capsys.readouterr().out
+    assert "BIOPROXY_WARMUP_BACKEND_URL" not in os.environ
+
+
+def test_the_warmup_llama_server_is_started_as_the_serving_one_at_nice_19(tmp_path, monkeypatch):
+    serving = llamacpp.LlamaServer(
+        free_port(), slots=3, context=999, slot_save_path=str(tmp_path / "slots")
+    )
+    started = []
+    monkeypatch.setattr(llamacpp.LlamaServer, "start", lambda self: started.append(self) or self)
+    monkeypatch.setattr(llamacpp.LlamaServer, "wait_ready", lambda self: self)
+    monkeypatch.delenv("BIOPROXY_WARMUP_BACKEND_URL", raising=False)
+    evaluator = cli.start_evaluator(serving)
+    assert started == [evaluator]
+    assert evaluator.nice == 19 and evaluator.port != serving.port
+    same = [a for a in evaluator.command() if a != str(evaluator.port)]
+    assert same == [a for a in serving.command() if a != str(serving.port)]
+    assert os.environ.pop("BIOPROXY_WARMUP_BACKEND_URL") == evaluator.url

@@ -1,0 +1,157 @@
+"""Warmups evaluated by a second llama-server (bioproxy/evaluator.py), against fakes of both."""
+
+import json
+
+import pytest
+import requests
+import responses
+
+from tests.fake_llama import SYSTEM, FakeLlama
+from tests.test_warmup import backend, templates_folder, warmer
+
+EVALUATOR = "http://warmer.test:8082"
+CODE_HEAD = SYSTEM + "You answer coding questions well and briefly.\n"
+REVIEW_HEAD = SYSTEM + "You review code.\n"
+
+
+@pytest.fixture
+def folder(isolated_config):
+    return templates_folder(isolated_config)
+
+
+@pytest.fixture
+def evaluator(fake_llama):
+    """The warmup llama-server: the same model, and the same slot folder as fake_llama."""
+    other = FakeLlama(base=EVALUATOR).install()
+    other.files = fake_llama.files
+    return other
+
+
+@pytest.fixture
+def app(make_app, folder, fake_llama, evaluator):
+    return make_app(
+        prefixes={"@code": "code.txt", "@review": "review.txt"},
+        slot_save_path=str(folder / "slots"),
+        warmup_backend_url=EVALUATOR,
+    )
+
+
+def ask(client, text):
+    body = {"messages": [{"role": "user", "content": text}]}
+    return client.post("/v1/chat/completions", data=json.dumps(body), buffered=True)
+
+
+def test_templates_are_evaluated_there_and_restored_here(app, fake_llama, evaluator, admin):
+    warmer(app).check()
+
+    assert [prompt for _, prompt in evaluator.evaluated] == [CODE_HEAD, REVIEW_HEAD]
+    assert fake_llama.evaluated == []  # nothing evaluated in the serving llama-server
+    assert [a for a, _, _ in evaluator.actions] == ["save", "save"]
+    assert [a for a, _, _ in fake_llama.actions] == ["restore", "restore"]
+    states = {e["prefix"]: e["state"] for e in admin.get("/templates").get_json()["templates"]}
+    assert states == {"@code": "warm", "@review": "warm"}
+    assert admin.get("/status").get_json()["backend_mode"]["warmup_backend"] == {
+        "url": EVALUATOR,
+        "usable": True,
+        "problem": None,
+    }
+
+
+def test_a_user_in_flight_does_not_hold_the_evaluation_off(app, fake_llama, evaluator):
+    gate = backend(app).gate
+    gate.user_started()  # a user request in flight, as the proxy reports it
+    try:
+        warmer(app).check()
+    finally:
+        gate.user_finished()
+    assert [prompt for _, prompt in evaluator.evaluated] == [CODE_HEAD, REVIEW_HEAD]
+    assert backend(app).warmth["@code"].state.value == "warm"
+
+
+def test_an_evaluation_there_is_not_cancelled_by_a_user(app, fake_llama, evaluator):
+    gate = backend(app).gate
+    evaluator.on_completion = lambda body: gate.user_started()  # a user arrives meanwhile
+    try:
+        warmer(app).check()
+    finally:
+        for _ in range(gate.users):
+            gate.user_finished()
+    assert len(evaluator.evaluated) == 2
+    assert fake_llama.evaluated == []
+
+
+def test_another_model_there_is_not_used(app, fake_llama, evaluator, admin, caplog):
+    evaluator.model = "/models/other.gguf"
+    warmer(app).check()
+
+    assert evaluator.evaluated == []
+    assert [prompt for _, prompt in fake_llama.evaluated] == [CODE_HEAD, REVIEW_HEAD]
+    mode = admin.get("/status").get_json()["backend_mode"]
+    assert mode["warmup_backend"]["usable"] is False
+    assert "not the serving llama-server's" in mode["warmup_backend"]["problem"]
+    assert any("warmup llama-server" in note for note in mode["notes"])
+    assert sum("not used" in r.message for r in caplog.records) == 1  # said once
+
+
+def test_a_warmup_llama_server_that_is_down_leaves_warmups_here(app, fake_llama, evaluator):
+    refused = requests.exceptions.ConnectionError("refused")
+    responses.replace(responses.GET, f"{EVALUATOR}/props", body=refused)
+    warmer(app).check()
+
+    assert evaluator.evaluated == []
+    assert len(fake_llama.evaluated) == 2
+    assert backend(app).warmth["@review"].state.value == "warm"
+
+
+def test_files_that_do_not_restore_here_turn_it_off(app, fake_llama, evaluator):
+    evaluator.files = {}  # another slot folder: its saves are not seen here
+    warmer(app).check()  # saved there, not restorable here: refused, stale again
+    warmer(app).check()  # evaluated here
+
+    assert backend(app).evaluator.disabled
+    assert len(fake_llama.evaluated) == 2
+    assert backend(app).warmth["@code"].state.value == "warm"
+
+
+def test_a_save_there_that_fails_leaves_the_warmup_here(app, fake_llama, evaluator):
+    evaluator.status["save"] = 500
+    warmer(app).check()
+
+    assert len(evaluator.evaluated) == 1  # then it is left alone for a while
+    assert len(fake_llama.evaluated) == 2  # both evaluated here, and saved here
+    assert [a for a, _, _ in fake_llama.actions] == ["save", "save"]
+    assert "tried again in 60 s" in backend(app).evaluator.problem
+
+    evaluator.status["save"] = 200
+    backend(app).evaluator.paused = (0, "past")  # the pause is over
+    warmer(app).request_warmup("@code")
+    warmer(app).check()
+    assert len(evaluator.evaluated) == 2  # used again
+    assert len(fake_llama.evaluated) == 2
+
+
+def test_requests_are_served_from_what_it_saved(app, fake_llama, evaluator, client):
+    warmer(app).check()
+    fake_llama.run_other_task(0)
+    fake_llama.run_other_task(1)
+    backend(app).slots.refresh()
+
+    assert ask(client, "@code How?").headers["X-Bioproxy-Cache"] == "restored"
+    assert ask(client, "@code Why?").headers["X-Bioproxy-Cache"] == "slot"
+
+
+def test_an_edit_after_its_save_does_not_turn_it_off(app, folder, fake_llama, evaluator):
+    def edit_after_save(action, slot, name):
+        if action == "save":
+            (folder / "code.txt").write_text("Edited.\n<{message}>")
+            warmer(app).reload()
+
+    evaluator.on_action = edit_after_save
+    warmer(app).check()  # @code saved there, then edited before its restore here
+    evaluator.on_action = None
+    warmer(app).check()  # the edit, warmed there too
+
+    assert backend(app).evaluator.disabled is None
+    assert fake_llama.evaluated == []
+    assert SYSTEM + "Edited.\n" in [prompt for _, prompt in evaluator.evaluated]
+    assert backend(app).warmth["@code"].state.value == "warm"
