@@ -85,17 +85,22 @@ class Slots:
         self.table.forget(slot)
 
 
+def upstream(settings, url):
+    """A llama-server at url, with the settings' timeouts and llama-server's API key."""
+    return Upstream(
+        url,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.upstream_timeout,
+        health_timeout=settings.health_timeout,
+        api_key=settings.backend_api_key,
+    )
+
+
 class Backend:
     """One llama-server and what bioproxy keeps of it. Built without I/O: see build()."""
 
     def __init__(self, settings, paths, catalog, metrics):
-        self.upstream = Upstream(
-            settings.backend_url,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.upstream_timeout,
-            health_timeout=settings.health_timeout,
-            api_key=settings.backend_api_key,
-        )
+        self.upstream = upstream(settings, settings.backend_url)
         self.metrics = metrics
         self.catalog = catalog
         self.slots = Slots(SlotTable(), SlotApi(self.upstream, settings.slot_timeout))
@@ -119,13 +124,7 @@ class Backend:
         self.variants = Variants(self, settings.variant_budget_bytes)
         self.evaluator = None
         if settings.warmup_backend_url:
-            evaluator = Upstream(
-                settings.warmup_backend_url,
-                connect_timeout=settings.connect_timeout,
-                read_timeout=settings.upstream_timeout,
-                health_timeout=settings.health_timeout,
-                api_key=settings.backend_api_key,
-            )
+            evaluator = upstream(settings, settings.warmup_backend_url)
             self.evaluator = Evaluator(evaluator, settings.slot_timeout, settings.upstream_timeout)
 
     def open(self):

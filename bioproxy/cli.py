@@ -4,7 +4,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -66,7 +65,7 @@ def start_evaluator(server):
     """The warmup llama-server (bioproxy/evaluator.py): started as server was, on a port of
     its own, at the lowest CPU priority; None, said, if it does not start."""
     evaluator = llamacpp.LlamaServer(
-        port=free_port(server.host or "127.0.0.1"),
+        port=llamacpp.free_port(server.host or "127.0.0.1"),
         host=server.host,
         slots=server.slots,
         context=server.context,
@@ -87,12 +86,6 @@ def start_evaluator(server):
         raise
     os.environ[config.env_name("warmup_backend_url")] = evaluator.url
     return evaluator
-
-
-def free_port(host):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # Flags of the original bioproxy, and the config key each sets.

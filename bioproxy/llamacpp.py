@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,13 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SETUP_HINT = "run scripts/setup to install it"
+
+
+def free_port(host="127.0.0.1"):
+    """A TCP port on host that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class LlamaServerError(Exception):

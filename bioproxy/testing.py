@@ -14,7 +14,7 @@ import time
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from .llamacpp import LlamaServer
+from .llamacpp import LlamaServer, free_port
 from .templates import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,13 +82,6 @@ def expanded(workdir, text):
     if prefix not in prefixes:
         return text
     return load(prefix, prefixes[prefix], str(workdir), str(workdir), 1 << 20).render(words)
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check, timeout=120, what="condition", describe=lambda: "", every=0.2):
