@@ -9,8 +9,10 @@ starts its own (-np 2, a slot folder):
 
 - here:  in the serving llama-server's own slots, in pieces of warmup_piece_chars (150),
          cancelled by each user and started again once no user is in flight;
-- there: in a warmup llama-server started the same way at nice 19 (warmup_backend_url),
-         its saved slot restored into the serving one.
+- nice:  in a warmup llama-server started the same way at nice 19 (warmup_backend_url),
+         its saved slot restored into the serving one;
+- held:  the same, its process also stopped while a user waits for a first byte
+         (warmup_backend_pid, as the bioproxy command sets it: bioproxy/hold.py).
 
 "warmup s" runs from the edit to the template being warm again; "÷ alone" divides it by
 the same template's evaluation on an idle llama-server (measured first). A case whose
@@ -23,6 +25,7 @@ template edited a quarter of the way in: how long it takes to be warm again, and
 users' p95 time to first token against the run without the edit, both ways of warming.
 
 Run:    .venv/bin/python -m bench.users_first [--rounds 2] [--part during|load|all]
+                                              [--ways here,nice,held]
 """
 
 import argparse
@@ -41,6 +44,11 @@ from bioproxy.llamacpp import LlamaServer
 from bioproxy.testing import Bioproxy, free_port
 
 SIZES = {"~1,500 tokens": 40, "~6,000 tokens": 160}  # lines of reference text
+WAYS = {  # how bioproxy warms, and its row's label
+    "here": "here (pieces of 150)",
+    "nice": "warmup llama-server, nice 19",
+    "held": "warmup llama-server, nice 19, stopped for users",
+}
 IDLE_SAMPLES = 5
 
 
@@ -87,13 +95,13 @@ class Case:
             answer = requests.post(llama.url + "/completion", json=body, timeout=600).json()
             return time.monotonic() - start, answer["timings"]["prompt_n"]
 
-    def run(self, there):
-        with self.bioproxy(there) as proxy:
+    def run(self, way):
+        with self.bioproxy(way) as proxy:
             return self.measure(proxy)
 
     @contextlib.contextmanager
-    def bioproxy(self, there):
-        """bioproxy before a fresh llama-server, warming here or in a warmup llama-server."""
+    def bioproxy(self, way):
+        """bioproxy before a fresh llama-server, warming one of the WAYS."""
         self.edit()
         with contextlib.ExitStack() as stack:
             serving = stack.enter_context(llama_server(self.folder, "serving"))
@@ -102,9 +110,11 @@ class Case:
                 "warmup_check_interval": 0.2,
                 "slot_save_path": serving.slot_save_path,
             }
-            if there:
+            if way != "here":
                 warmup = stack.enter_context(llama_server(self.folder, "warmup", nice=19))
                 config["warmup_backend_url"] = warmup.url
+                if way == "held":
+                    config["warmup_backend_pid"] = warmup.process.pid
             yield stack.enter_context(Bioproxy(serving.url, self.folder, config))
 
     def measure(self, proxy):
@@ -138,8 +148,8 @@ class Load(Case):
 
     QUESTIONS = ("Which function parses a path?", "When is ValueError raised?")
 
-    def measure_load(self, there, seconds, edit):
-        with self.bioproxy(there) as proxy:
+    def measure_load(self, way, seconds, edit):
+        with self.bioproxy(way) as proxy:
             return self.play(proxy, seconds, edit)
 
     def play(self, proxy, seconds, edit):
@@ -171,13 +181,14 @@ class Load(Case):
         return ttft, warm_again
 
 
-def run_load(folder, seconds):
+def run_load(folder, seconds, ways):
     case = Load(folder, SIZES["~1,500 tokens"], 1, 0)
     alone, tokens = case.alone_seconds()
     rows = []
-    for label, there in (("here (pieces of 150)", False), ("warmup llama-server", True)):
-        quiet, _ = case.measure_load(there, seconds, edit=False)
-        busy, warm_again = case.measure_load(there, seconds, edit=True)
+    for way in ways:
+        label = WAYS[way]
+        quiet, _ = case.measure_load(way, seconds, edit=False)
+        busy, warm_again = case.measure_load(way, seconds, edit=True)
         p95_quiet, p95_busy = (percentile(v, 95) * 1e3 for v in (quiet, busy))
         rows.append(
             [
@@ -217,11 +228,15 @@ def main():
     parser.add_argument("--max-samples", type=int, default=30)
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--part", choices=["during", "load", "all"], default="all")
+    parser.add_argument("--ways", default=",".join(WAYS), help="of: " + ", ".join(WAYS))
     args = parser.parse_args()
+    ways = args.ways.split(",")
+    if not set(ways) <= set(WAYS):
+        parser.error(f"--ways: of {', '.join(WAYS)}")
     print(f"Machine: {machine()}\n")
     if args.part != "during":
         with tempfile.TemporaryDirectory(prefix="bioproxy-bench-") as folder:
-            print(run_load(folder, args.seconds) + "\n")
+            print(run_load(folder, args.seconds, ways) + "\n")
     if args.part == "load":
         return
     rows = []
@@ -229,8 +244,9 @@ def main():
         for size, lines in SIZES.items():
             case = Case(folder, lines, args.rounds, args.max_samples)
             alone, tokens = case.alone_seconds()
-            for label, there in (("here (pieces of 150)", False), ("warmup llama-server", True)):
-                idle, busy, warmup, stopped = case.run(there)
+            for way in ways:
+                label = WAYS[way]
+                idle, busy, warmup, stopped = case.run(way)
                 idle_ms = statistics.median(idle) * 1e3
                 p50, p95 = (percentile(busy, p) * 1e3 for p in (50, 95))
                 note = f" (user stopped {stopped}×)" if stopped else ""

@@ -5,12 +5,15 @@ The app factory builds one (build()); the views reach it through get_backend().
 
 import logging
 import time
+from contextlib import nullcontext
+from urllib.parse import urlsplit
 
 from flask import current_app
 
 from .caches import SavedCaches
 from .evaluator import Evaluator
 from .gate import Gate
+from .hold import Hold
 from .prompts import Prompts
 from .registry import Registry
 from .scheduler import Scheduler
@@ -104,6 +107,7 @@ class Backend:
         self.metrics = metrics
         self.catalog = catalog
         self.slots = Slots(SlotTable(), SlotApi(self.upstream, settings.slot_timeout))
+        self.queue_timeout = settings.queue_timeout  # also the longest wait for the evaluator
         self.scheduler = Scheduler(
             self.slots.table, settings.queue_max_length, settings.queue_timeout, metrics
         )
@@ -125,7 +129,11 @@ class Backend:
         self.evaluator = None
         if settings.warmup_backend_url:
             evaluator = upstream(settings, settings.warmup_backend_url)
-            self.evaluator = Evaluator(evaluator, settings.slot_timeout, settings.upstream_timeout)
+            pid, port = settings.warmup_backend_pid, urlsplit(settings.warmup_backend_url).port
+            hold = Hold(pid, port or 80) if pid else None
+            self.evaluator = Evaluator(
+                evaluator, settings.slot_timeout, settings.upstream_timeout, hold
+            )
 
     def open(self):
         """Read what was saved; forget the files of templates no longer configured."""
@@ -177,9 +185,16 @@ class Backend:
             "notes": notes,
         }
 
+    def user_waiting(self):
+        """While a user's request waits for its answer's first byte: the warmup llama-server
+        is stopped meanwhile, if bioproxy knows its process (hold.py)."""
+        return self.evaluator.held_for_user() if self.evaluator else nullcontext()
+
     def close(self):
         self.warmer.stop()
         self.upstream.close()
+        if self.evaluator is not None:
+            self.evaluator.close()
 
     def discarded(self, prefix):
         """A saved file turned out unusable: warm the template again now."""

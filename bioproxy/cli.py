@@ -85,6 +85,7 @@ def start_evaluator(server):
         evaluator.stop()
         raise
     os.environ[config.env_name("warmup_backend_url")] = evaluator.url
+    os.environ[config.env_name("warmup_backend_pid")] = str(evaluator.process.pid)
     return evaluator
 
 

@@ -55,6 +55,9 @@ class Settings:
     # A second llama-server, started like backend_url's with the same slot folder, that
     # evaluates the warmups (see bioproxy/evaluator.py). Empty: warmups use backend_url's slots.
     warmup_backend_url: str = ""
+    # Its process on this machine, if known: stopped while a user's prompt is evaluated
+    # in backend_url's (see bioproxy/hold.py). The bioproxy command sets it. 0: never.
+    warmup_backend_pid: int = 0
     # Disk space the saved caches of templates' variants (a template with a client's own
     # system message, tools...) may take; the least recently used go first. 0: none saved.
     variant_budget_bytes: int = 2 * 1024**3

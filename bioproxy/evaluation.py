@@ -34,6 +34,8 @@ class Evaluation:
         self.response = None  # the upstream response of the piece under way
         self.cancelled = False
         self.started = time.monotonic()
+        self.done = 0  # characters of the head in pieces llama-server finished
+        self.resumed = None  # resumed after done: the tokens llama-server reused then
 
     @property
     def seconds(self):
@@ -48,19 +50,27 @@ class Evaluation:
             with contextlib.suppress(OSError, ValueError):
                 self.response.raw.shutdown()
 
-    def run(self, head, piece_chars, in_one_piece=False):
+    def run(self, head, piece_chars, in_one_piece=False, after=0):
         """Evaluate head: (its tokens, tokens evaluated); GaveWay, Superseded, BackendError.
 
         in_one_piece: the slot holds it already (a save failed after it), and a shorter
         piece would cut the slot's cache back to that piece, the rest evaluated again.
+        after: the slot holds the pieces up to that many characters (a warmup that gave
+        way): it goes on from the next one, which extends them.
         """
         cuts = cuts_of(head, piece_chars)
         if in_one_piece:
             cuts = cuts[-1:]
+        elif after:
+            cuts = [cut for cut in cuts if cut > after]
         evaluated = 0
         for cut in cuts:
             answer = self._piece(head[:cut])
-            evaluated += answer.get("timings", {}).get("prompt_n", 0)
+            timings = answer.get("timings", {})
+            evaluated += timings.get("prompt_n", 0)
+            if after and self.resumed is None:
+                self.resumed = timings.get("cache_n", 0)
+            self.done = cut
         return int(answer["tokens_evaluated"]), evaluated
 
     def _piece(self, text):

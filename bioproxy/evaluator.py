@@ -13,7 +13,9 @@ model or slot layout would not restore.
 
 import logging
 import time
+from contextlib import contextmanager, nullcontext
 
+from gevent.event import Event
 from gevent.lock import Semaphore
 
 from .prompts import Prompts
@@ -31,14 +33,18 @@ class Evaluator:
 
     SLOT = 0
 
-    def __init__(self, upstream, slot_timeout, timeout):
+    def __init__(self, upstream, slot_timeout, timeout, hold=None):
         self.upstream = upstream
+        self.hold = hold  # a Hold (hold.py) when bioproxy knows its process, or None
         self.api = SlotApi(upstream, slot_timeout)
         self.prompts = Prompts(upstream, timeout, slot_timeout)
         self.lock = Semaphore()
         self.problem = "not asked yet"  # why it was not used last time, or None
         self.disabled = None  # set for good when its files did not restore (see refuse)
         self.paused = None  # (until when, why) after a failure there
+        # The evaluation under way there: (prefix, digest, set when it ends), or None.
+        self.current = None
+        self.waited = 0  # requests that waited for an evaluation there rather than evaluate it
 
     def usable(self, model):
         """Whether it can evaluate for a serving llama-server whose identity is model."""
@@ -57,6 +63,37 @@ class Evaluator:
             return self._tell("its model, build or slots are not the serving llama-server's")
         return self._tell(None)
 
+    @contextmanager
+    def evaluating(self, prefix, template):
+        """While it evaluates (and saves) this template version; see wait_for()."""
+        self.current = (prefix, template.digest, Event())
+        try:
+            yield
+        finally:
+            self.current[2].set()
+            self.current = None
+
+    def held(self):
+        """While it computes: its process may be stopped for users (see hold.py). Not while
+        it saves, which has slot_timeout to answer in."""
+        return self.hold.evaluation() if self.hold else nullcontext()
+
+    def wait_for(self, prefix, template, timeout):
+        """If it is evaluating this template version now, wait until it is done (at most
+        timeout s): whether the request waited.
+
+        A templated request that arrives meanwhile would otherwise have the serving
+        llama-server evaluate the same text in full, beside every other user, while the
+        warmup llama-server, at the lowest priority, barely moves: after the wait its
+        saved file is restored in milliseconds. If it failed, the request goes on cold.
+        """
+        current = self.current
+        if current is None or current[:2] != (prefix, template.digest):
+            return False
+        self.waited += 1
+        current[2].wait(timeout)
+        return True
+
     def refuse(self, why):
         """Stop using it while bioproxy runs (its saved slot did not restore)."""
         self.disabled = why
@@ -67,9 +104,25 @@ class Evaluator:
         self.paused = (time.monotonic() + PAUSE, f"{why}; tried again in {PAUSE:g} s")
         self._tell(self.paused[1])
 
+    def close(self):
+        self.upstream.close()
+        if self.hold is not None:
+            self.hold.close()
+
+    def held_for_user(self):
+        """While a user's request waits for its answer's first byte from the serving one."""
+        return self.hold.user() if self.hold else nullcontext()
+
     def describe(self):
         usable = self.problem is None
-        return {"url": self.upstream.base_url, "usable": usable, "problem": self.problem}
+        return {
+            "url": self.upstream.base_url,
+            "usable": usable,
+            "problem": self.problem,
+            "evaluating": self.current and self.current[0],
+            "requests_waited": self.waited,
+            "hold": self.hold and self.hold.describe(),
+        }
 
     def _tell(self, problem):
         """Log a change of whether it is used; whether it can be."""

@@ -258,6 +258,8 @@ class LlamaServer:
         """Stop the process: SIGTERM, then SIGKILL after timeout seconds."""
         if self.process is None or self.process.poll() is not None:
             return
+        # A stopped process (bioproxy/hold.py) acts on SIGTERM only once continued.
+        self.process.send_signal(signal.SIGCONT)
         self.process.terminate()
         try:
             self.process.wait(timeout)

@@ -4,6 +4,7 @@ import hmac
 import logging
 import string
 import time
+from contextlib import nullcontext
 from urllib.parse import quote
 
 import gevent
@@ -124,10 +125,12 @@ def forward(path):
     headers += header_rules.forwarded(request, settings.trust_forwarded_for)
 
     def send(data, lease=None):
-        """llama.cpp's answer body to data, its first chunk read (see AnswerBody.start)."""
-        answer = send_upstream(backend, state.metrics, request.method, target, headers, data)
-        body = AnswerBody(answer, state.metrics, lease)
-        body.start()
+        """llama.cpp's answer body to data, its first chunk read (see AnswerBody.start).
+        lease: a request for a slot, whose prompt the warmup llama-server stays out of."""
+        with backend.user_waiting() if lease is not None else nullcontext():
+            answer = send_upstream(backend, state.metrics, request.method, target, headers, data)
+            body = AnswerBody(answer, state.metrics, lease)
+            body.start()
         return body
 
     if not endpoints.is_slotted(request.method, path):

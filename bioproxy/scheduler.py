@@ -162,7 +162,7 @@ class Scheduler:
 
         A slot holding the ticket's template; else the coldest: an empty slot first (plain
         requests leave their slots "empty" for bioproxy), then the least recently used
-        template's.
+        template's, and a warmup's that gave way part-way last (it would start over).
         """
         if ticket.wanted is not None:
             return ticket.wanted if ticket.wanted in free else None
@@ -170,7 +170,15 @@ class Scheduler:
             for slot in free:
                 if self.holding(slot) == ticket.template:
                     return slot
-        return min(free, key=lambda s: (self.holding(s) is not None, self.used.get(s, 0.0), s))
+        return min(
+            free,
+            key=lambda s: (
+                self.holding(s) is not None,
+                self.slots.partial(s),
+                self.used.get(s, 0.0),
+                s,
+            ),
+        )
 
     def _defers(self, ticket, slot):
         """Whether a templated ticket waits instead of evicting slot's template: a busy slot

@@ -101,9 +101,24 @@ class SlotTable:
     def forget(self, slot):
         self.held.pop(slot, None)
 
+    def partial(self, slot):
+        """Whether the slot holds a warmup that gave way part-way: unlike a template's
+        cache, that is saved nowhere else."""
+        held = self.held.get(slot)
+        return bool(held) and held[1].endswith(PARTIAL)
+
 
 # What a slot holds is named by a key: a template's prefix, or a variant's key, that
 # prefix and a hash ("@code 1a2b3c4d5e6f7a8b", see variants.py). Prefixes hold no spaces.
+
+
+PARTIAL = " characters in"
+
+
+def partial_digest(digest, done):
+    """What a slot holds of a warmup of that template version that gave way after done
+    characters of its head (slots hold it under the template's prefix)."""
+    return f"{digest}, {done}{PARTIAL}"
 
 
 def variant_key(prefix, head, model):

@@ -70,6 +70,10 @@ def forward(backend, raw, body, expansion, send, watch=None):
     lease = None
     try:
         with watch.guard() if watch else nullcontext():
+            if backend.evaluator is not None and expansion and expansion.found.key:
+                # Its template evaluated there now: restored after, not evaluated twice.
+                timeout = backend.queue_timeout
+                backend.evaluator.wait_for(expansion.entry.prefix, expansion.template, timeout)
             if ticket is not None:
                 backend.scheduler.acquire(ticket)
             if expansion is None:

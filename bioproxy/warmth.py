@@ -32,6 +32,8 @@ class Warmth:
         self.tokens = None  # tokens of the warmed prefix
         self.last_warmup = None  # what /templates shows of the last warmup or restore
         self.forced = False  # evaluate again even though a saved file exists
+        # An evaluation that gave way: (slot, digest, characters done), to resume from.
+        self.partial = None
         self.failures = 0  # failed warmups in a row
         self.retry_at = 0.0  # no new try before this time.monotonic()
         # Templated requests by cache, as measured (see lease.Lease).

@@ -11,14 +11,18 @@ import logging
 import time
 from collections import deque
 
+import gevent
+
 from .evaluation import Evaluation, GaveWay, Superseded
 from .scheduler import WARMUP, Ticket
 from .slot_api import SlotsUnsupported
+from .slot_table import UNKNOWN, partial_digest
 from .upstream import BackendError
 
 log = logging.getLogger(__name__)
 
 RECENT_WARMUPS = 20  # evaluations /status lists
+PARTIAL_WAIT = 2.0  # seconds for llama-server to stop a piece cancelled for a user
 # What a warmup's restore came to.
 RESTORED, EVALUATE, FAILED = "restored", "evaluate", "failed"
 # An evaluation in the warmup llama-server whose template changed meanwhile.
@@ -80,12 +84,14 @@ class Warmups:
             log.info("warming template %s in the warmup llama-server", entry.prefix)
             run = Evaluation(entry, evaluator.SLOT, template, evaluator.prompts, gate=None)
             try:
-                head = self.backend.prompts.fetch_head(template)
-                tokens, evaluated = run.run(head, self.piece_chars, in_one_piece=True)
-                if self.backend.slots.table.model != model:
-                    raise BackendError("warmup", "llama-server's model changed meanwhile")
-                caches = self.backend.caches
-                caches.save(entry.prefix, template, run.slot, tokens, api=evaluator.api)
+                with evaluator.evaluating(entry.prefix, template):
+                    head = self.backend.prompts.fetch_head(template)
+                    with evaluator.held():
+                        tokens, evaluated = run.run(head, self.piece_chars, in_one_piece=True)
+                    if self.backend.slots.table.model != model:
+                        raise BackendError("warmup", "llama-server's model changed meanwhile")
+                    caches = self.backend.caches
+                    caches.save(entry.prefix, template, run.slot, tokens, api=evaluator.api)
             except Exception as e:
                 if not entry.is_current(template):
                     self.superseded(run)
@@ -135,11 +141,13 @@ class Warmups:
         warmth.mark_warming()
         log.info("warming template %s in slot %d", entry.prefix, slot)
         run = Evaluation(entry, slot, template, backend.prompts, backend.gate)
+        partial, warmth.partial = warmth.partial, None
         backend.gate.runs.add(run)  # from here, a user arriving cancels it
         try:
             held = backend.slots.holds(slot, entry.prefix, template.digest)
+            after = 0 if held else self.resumable(entry, template, slot, partial)
             head = backend.prompts.fetch_head(template)
-            tokens, evaluated = run.run(head, self.piece_chars, in_one_piece=held)
+            tokens, evaluated = run.run(head, self.piece_chars, in_one_piece=held, after=after)
         except Superseded:
             self.superseded(run)
             return
@@ -170,12 +178,46 @@ class Warmups:
         backend.slots.mark(slot, entry.prefix, template.digest, ran=True)
         self.warmed(run, warmth, tokens, evaluated)
 
+    def resumable(self, entry, template, slot, partial):
+        """Characters of the head this slot still holds from a warmup that gave way (0:
+        none), as GET /slots shows it: no other task ran there since."""
+        if partial is None or partial[:2] != (slot, template.digest):
+            return 0
+        done = partial[2]
+        if not self.backend.slots.holds(slot, entry.prefix, partial_digest(template.digest, done)):
+            return 0
+        log.info(
+            "warming template %s goes on after %d characters in slot %d", entry.prefix, done, slot
+        )
+        return done
+
+    def keep_partial(self, run, warmth):
+        """After a warmup gave way: mark what its slot holds, for the next to go on from.
+
+        Once llama-server has stopped the piece under way (it does between batches), the
+        slot's last task is the warmup's: resumable() then checks that it still is. Until
+        then the slot stays the warmup's, so no request lands there meanwhile.
+        """
+        if not run.done:
+            return
+        slots, deadline = self.backend.slots, time.monotonic() + PARTIAL_WAIT
+        key, digest = run.entry.prefix, partial_digest(run.template.digest, run.done)
+        try:
+            while slots.fetch_states().get(run.slot, UNKNOWN)[1] and time.monotonic() < deadline:
+                gevent.sleep(0.05)  # still processing the piece it was cancelled in
+            slots.mark(run.slot, key, digest, ran=True)
+        except BackendError:
+            return
+        if slots.table.holding(run.slot) == key:
+            warmth.partial = (run.slot, run.template.digest, run.done)
+
     def superseded(self, run):
         # The pass that read the edit made the template stale, and that stands.
         self.remember(run, "superseded")
         log.info("warming template %s stopped: its file changed", run.entry.prefix)
 
     def gave_way(self, run, warmth):
+        self.keep_partial(run, warmth)
         warmth.mark_stale()  # again when bioproxy is idle
         self.remember(run, "cancelled")
         self.backend.metrics.warmup_cancellations.labels(run.entry.prefix).inc()
@@ -197,6 +239,8 @@ class Warmups:
             "seconds": round(seconds, 3),
             "tokens_evaluated": evaluated,
         }
+        if run.resumed is not None:
+            last["tokens_resumed"] = run.resumed  # reused from the warmup that gave way
         # Saved under its own digest, so usable if the file goes back to it; but if the
         # file changed meanwhile, the template is not warm: the new text is warmed next.
         warmth.mark_warm(tokens, last, current=run.entry.is_current(run.template))

@@ -2,6 +2,8 @@
 
 import json
 
+import gevent
+import gevent.event
 import pytest
 import requests
 import responses
@@ -54,6 +56,9 @@ def test_templates_are_evaluated_there_and_restored_here(app, fake_llama, evalua
         "url": EVALUATOR,
         "usable": True,
         "problem": None,
+        "evaluating": None,
+        "requests_waited": 0,
+        "hold": None,  # its process not known (warmup_backend_pid)
     }
 
 
@@ -155,3 +160,64 @@ def test_an_edit_after_its_save_does_not_turn_it_off(app, folder, fake_llama, ev
     assert fake_llama.evaluated == []
     assert SYSTEM + "Edited.\n" in [prompt for _, prompt in evaluator.evaluated]
     assert backend(app).warmth["@code"].state.value == "warm"
+
+
+def edited_and_held_there(app, folder, evaluator, fails=False):
+    """@code edited, and its evaluation there held until the event returned is set (then
+    it fails, if fails); the greenlet that warms it."""
+    warmer(app).check()
+    (folder / "code.txt").write_text("Edited.\n<{message}>")
+    warmer(app).reload()
+    started, go = gevent.event.Event(), gevent.event.Event()
+
+    def evaluating(body):
+        started.set()
+        go.wait(5)
+        if fails:
+            raise requests.exceptions.ConnectionError("the warmup llama-server went away")
+
+    evaluator.on_completion = evaluating
+    warming = gevent.spawn(warmer(app).check)
+    assert started.wait(5)
+    return go, warming
+
+
+def test_a_request_for_the_template_it_evaluates_waits_for_it(
+    app, folder, fake_llama, evaluator, client
+):
+    go, warming = edited_and_held_there(app, folder, evaluator)
+    asked = gevent.spawn(ask, client, "@code How?")
+    gevent.sleep(0.1)
+    assert not asked.ready()  # waiting for the evaluation there, not evaluating it here
+    go.set()
+    response = asked.get(timeout=5)
+    warming.get(timeout=5)
+
+    assert response.status_code == 200
+    assert response.headers["X-Bioproxy-Cache"] in ("restored", "slot")
+    assert fake_llama.evaluated == []  # the edited template: evaluated there only
+    assert backend(app).evaluator.waited == 1
+
+
+def test_a_request_that_waited_goes_on_when_the_evaluation_there_fails(
+    app, folder, fake_llama, evaluator, client
+):
+    go, warming = edited_and_held_there(app, folder, evaluator, fails=True)
+    asked = gevent.spawn(ask, client, "@code How?")
+    gevent.sleep(0.1)
+    go.set()
+    response = asked.get(timeout=5)
+    warming.get(timeout=5)
+
+    assert response.status_code == 200  # answered, cold: nothing lost
+    assert response.headers["X-Bioproxy-Cache"] == "cold"
+    assert backend(app).evaluator.waited == 1
+
+
+def test_a_request_for_another_template_does_not_wait(app, folder, fake_llama, evaluator, client):
+    go, warming = edited_and_held_there(app, folder, evaluator)
+    response = gevent.spawn(ask, client, "@review Look.").get(timeout=2)  # served meanwhile
+    go.set()
+    warming.get(timeout=5)
+    assert response.headers["X-Bioproxy-Cache"] in ("restored", "slot")
+    assert backend(app).evaluator.waited == 0

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -170,12 +171,20 @@ def test_the_warmup_llama_server_is_started_as_the_serving_one_at_nice_19(tmp_pa
         free_port(), slots=3, context=999, slot_save_path=str(tmp_path / "slots")
     )
     started = []
-    monkeypatch.setattr(llamacpp.LlamaServer, "start", lambda self: started.append(self) or self)
+
+    def start(self):
+        started.append(self)
+        self.process = types.SimpleNamespace(pid=4242)
+        return self
+
+    monkeypatch.setattr(llamacpp.LlamaServer, "start", start)
     monkeypatch.setattr(llamacpp.LlamaServer, "wait_ready", lambda self: self)
     monkeypatch.delenv("BIOPROXY_WARMUP_BACKEND_URL", raising=False)
+    monkeypatch.delenv("BIOPROXY_WARMUP_BACKEND_PID", raising=False)
     evaluator = cli.start_evaluator(serving)
     assert started == [evaluator]
     assert evaluator.nice == 19 and evaluator.port != serving.port
     same = [a for a in evaluator.command() if a != str(evaluator.port)]
     assert same == [a for a in serving.command() if a != str(serving.port)]
     assert os.environ.pop("BIOPROXY_WARMUP_BACKEND_URL") == evaluator.url
+    assert os.environ.pop("BIOPROXY_WARMUP_BACKEND_PID") == "4242"  # stopped for users

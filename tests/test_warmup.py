@@ -724,6 +724,68 @@ def test_a_user_request_cancels_an_evaluation_which_resumes_when_idle(app, folde
     assert len(pieces) > 4 and pieces[-1].startswith(pieces[1])
 
 
+def give_way_in_third_piece(app, folder, llama):
+    """@code's warmup, in pieces, given way to a user in its third: the pieces' (slot, prompt)."""
+    (folder / "code.txt").write_text("".join(f"rule {i}\n" for i in range(60)) + "<{message}>")
+    warmer(app).warmups.piece_chars = 100
+    pieces = []
+
+    def a_user_arrives_during_the_third_piece(body):
+        if "rule" in body["prompt"]:
+            pieces.append((body["id_slot"], body["prompt"]))
+        if len(pieces) == 3 and body["prompt"] == pieces[-1][1]:
+            backend(app).gate.user_started()
+
+    llama.on_completion = a_user_arrives_during_the_third_piece
+    checking = gevent.spawn(warmer(app).check)
+    gevent.sleep(0.05)
+    assert len(pieces) == 3 and backend(app).warmth["@code"].state == "stale"
+    backend(app).gate.user_finished()
+    checking.join(timeout=5)
+    llama.on_completion = lambda body: (
+        pieces.append((body["id_slot"], body["prompt"])) if "rule" in body["prompt"] else None
+    )
+    return pieces
+
+
+def test_a_warmup_that_gave_way_goes_on_from_what_its_slot_holds(app, folder, llama, admin):
+    pieces = give_way_in_third_piece(app, folder, llama)
+    warmer(app).check()
+
+    assert backend(app).warmth["@code"].state == "warm"
+    assert len({slot for slot, _ in pieces}) == 1  # the slot that held its first pieces
+    prompts = [prompt for _, prompt in pieces]
+    assert prompts[3] == prompts[2]  # the piece it gave way in, not the first one again
+    assert len(prompts) == len(set(prompts)) + 1  # every other piece once
+    last = backend(app).warmth["@code"].last_warmup
+    assert last["tokens_resumed"] > 0  # as llama-server reported the resumed piece
+
+
+def test_a_warmup_whose_slot_ran_something_else_meanwhile_starts_over(app, folder, llama):
+    pieces = give_way_in_third_piece(app, folder, llama)
+    llama.run_other_task(pieces[0][0])  # a request bioproxy did not send, in that slot
+    warmer(app).check()
+
+    assert backend(app).warmth["@code"].state == "warm"
+    prompts = [prompt for _, prompt in pieces]
+    assert prompts[3] == prompts[0]  # from the first piece: the slot holds none of it
+    assert "tokens_resumed" not in backend(app).warmth["@code"].last_warmup
+
+
+def test_a_user_request_keeps_off_the_slot_of_a_warmup_that_gave_way(app, folder, llama, client):
+    pieces = give_way_in_third_piece(app, folder, llama)
+    ask(client, "Hello")  # a plain request: into the other slot
+
+    sent = [
+        json.loads(c.request.body)
+        for c in responses.calls
+        if c.request.path_url == "/v1/chat/completions"
+    ]
+    assert sent[-1]["id_slot"] != pieces[0][0]
+    warmer(app).check()
+    assert [prompt for _, prompt in pieces][3] == pieces[2][1]  # still resumed
+
+
 def test_long_templates_are_evaluated_in_growing_pieces_cut_at_line_ends():
     from bioproxy.evaluation import cuts_of as _cuts
 

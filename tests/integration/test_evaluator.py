@@ -8,11 +8,12 @@ timings show the template reused there from the file the warmup llama-server sav
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
 from bioproxy.llamacpp import LlamaServer
-from tests.integration.test_users_first import LONG, first_token_seconds
+from tests.integration.test_users_first import LONG, first_token_seconds, prompt_tokens
 from tests.servers import Bioproxy, free_port, wait_until
 
 
@@ -41,15 +42,8 @@ def bioproxy_with(serving, warmup, folder):
         config,
         slot_save_path=serving.slot_save_path,
         warmup_backend_url=warmup.url,
+        warmup_backend_pid=warmup.process.pid,  # as the bioproxy command sets it
     )
-
-
-def prompt_tokens(llama):
-    """llama-server's own count of the prompt tokens it evaluated."""
-    for line in requests.get(llama.url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("llamacpp:prompt_tokens_total "):
-            return float(line.split()[1])
-    raise AssertionError("no llamacpp:prompt_tokens_total in /metrics")
 
 
 def templated(proxy, words):
@@ -57,6 +51,12 @@ def templated(proxy, words):
     r = requests.post(proxy.proxy_url + "/v1/chat/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return r.headers["X-Bioproxy-Cache"], r.json()["timings"]
+
+
+def warmup_backend(proxy):
+    """What /status says of the warmup llama-server."""
+    status = requests.get(proxy.admin_url + "/status", timeout=5).json()
+    return status["backend_mode"]["warmup_backend"]
 
 
 def test_templates_are_evaluated_there_and_users_are_never_made_to_wait(tmp_path):
@@ -78,10 +78,12 @@ def test_templates_are_evaluated_there_and_users_are_never_made_to_wait(tmp_path
         # An edit while users keep coming: nothing is cancelled, and the warmup ends.
         (tmp_path / "long.txt").write_text("Edited.\n" + LONG)
         wait_until(
-            lambda: proxy.templates()["@long"]["state"] == "warming",
+            lambda: warmup_backend(proxy)["evaluating"] == "@long",
             timeout=30,
-            what="the warmup of the edit",
+            what="the evaluation of the edit there",
         )
+        # A templated request now waits for that evaluation, then restores what it saved.
+        waiter = ThreadPoolExecutor(1).submit(templated, proxy, "Which rule logs rejects?")
         served = 0
         while proxy.templates()["@long"]["state"] == "warming":
             assert first_token_seconds(proxy.proxy_url) < 5
@@ -90,12 +92,20 @@ def test_templates_are_evaluated_there_and_users_are_never_made_to_wait(tmp_path
         assert served >= 3  # users came during the warmup
         assert proxy.templates()["@long"]["state"] == "warm"
         assert proxy.metric("bioproxy_warmup_cancellations_total") == 0
-        assert prompt_tokens(serving) - evaluated_here < 60 * served  # the users' own
+        cache, timings = waiter.result(timeout=60)
+        assert cache in ("slot", "restored")
+        assert timings["cache_n"] > 2500 and timings["prompt_n"] < 40, timings
+        # Here: the users' own tokens, and none of the edited template.
+        assert prompt_tokens(serving) - evaluated_here < 60 * (served + 1)
 
         cache, timings = templated(proxy, "Which rule logs the rejected ones?")
         assert timings["cache_n"] > 2500 and timings["prompt_n"] < 40, timings
-        mode = requests.get(proxy.admin_url + "/status", timeout=5).json()["backend_mode"]
-        assert mode["warmup_backend"]["usable"] is True, json.dumps(mode)
+        described = warmup_backend(proxy)
+        assert described["usable"] is True, json.dumps(described)
+        assert described["requests_waited"] == 1
+        # The users' prompts stopped its process (SIGSTOP) while it evaluated the edit.
+        assert described["hold"]["problem"] is None, json.dumps(described)
+        assert described["hold"]["holds"] >= 1 and described["hold"]["stopped"] is False
 
 
 def test_a_warmup_llama_server_started_otherwise_is_not_used(tmp_path):

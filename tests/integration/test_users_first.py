@@ -38,6 +38,20 @@ def first_token_seconds(url):
     raise AssertionError("no token came")
 
 
+def held_tokens(llama):
+    """The most tokens a slot of llama-server's holds, as its GET /slots says."""
+    slots = requests.get(llama.url + "/slots", timeout=10).json()
+    return max(slot.get("n_prompt_tokens", 0) for slot in slots)
+
+
+def prompt_tokens(llama):
+    """llama-server's own count of the prompt tokens it evaluated (its --metrics)."""
+    for line in requests.get(llama.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("llamacpp:prompt_tokens_total "):
+            return float(line.split()[1])
+    raise AssertionError("no llamacpp:prompt_tokens_total in /metrics")
+
+
 def test_a_user_request_during_a_long_warmup_is_served_at_once(tmp_path):
     (tmp_path / "long.txt").write_text(LONG)
     config = {"prefixes": {"@long": "long.txt"}, "warmup_check_interval": 0.5}
@@ -46,12 +60,15 @@ def test_a_user_request_during_a_long_warmup_is_served_at_once(tmp_path):
         Bioproxy(llama.url, tmp_path, config, slot_save_path=llama.slot_save_path) as proxy,
     ):
         wait_until(lambda: state(proxy) == "warming", timeout=30, what="the warmup to start")
-        time.sleep(1)  # llama-server is well into the template now
+        # Half-way through the template, as llama-server counts what the slot holds.
+        wait_until(
+            lambda: held_tokens(llama) >= 1500, timeout=120, what="half of the template evaluated"
+        )
         assert state(proxy) == "warming"
 
         waited = first_token_seconds(proxy.proxy_url)
 
-        # The warmup had more than ten seconds to go; the user waited far less.
+        # The warmup had seconds to go; the user waited far less.
         assert waited < 3, waited
         wait_until(
             lambda: proxy.metric("bioproxy_warmup_cancellations_total") >= 1,
@@ -61,6 +78,11 @@ def test_a_user_request_during_a_long_warmup_is_served_at_once(tmp_path):
         wait_until(lambda: state(proxy) == "warm", timeout=120, what="the template to be warm")
         assert proxy.metric("bioproxy_warmups_total", outcome="ok") == 1
         assert proxy.metric("bioproxy_warmups_total", outcome="failed") == 0
+        # It went on from what its slot held: llama-server reused the first half then,
+        # and evaluated the template about once in all (once more from the start: 1.5x).
+        (template,) = proxy.templates().values()
+        assert template["last_warmup"]["tokens_resumed"] >= 1400, template
+        assert prompt_tokens(llama) <= 1.2 * template["tokens"] + 100
         # Giving way is a normal event: logged, but not as a fault.
         log = proxy.log()
         assert "gave way to a user request" in log
