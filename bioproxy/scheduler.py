@@ -254,7 +254,7 @@ class Scheduler:
         occupancy.clear()
         for slot in range(self.slots.count):
             state = "busy" if slot in self.busy or slot in self.foreign else "idle"
-            occupancy.labels(template_of(self.holding(slot) or ""), state).inc()
+            occupancy.labels(template_of(self.slots.whole(slot) or ""), state).inc()
 
     def invariants(self):
         """Which of the invariants above do not hold now, in words (none, ever)."""
@@ -331,10 +331,13 @@ class Scheduler:
             task = ticket.describe(now) if ticket else None
             if slot in self.foreign:
                 task = {"kind": "other", "template": None, "slot": slot, "seconds": None}
+            partial = self.slots.partial(slot)
             slots.append(
                 {
                     "id": slot,
-                    "template": self.holding(slot),
+                    "template": self.slots.whole(slot),
+                    # A warmup of that template that gave way: part of it, saved nowhere.
+                    "partial": self.holding(slot) if partial else None,
                     "state": "busy" if task else "idle",
                     "task": task,
                 }

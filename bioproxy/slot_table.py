@@ -107,6 +107,11 @@ class SlotTable:
         held = self.held.get(slot)
         return bool(held) and held[1].endswith(PARTIAL)
 
+    def whole(self, slot):
+        """The key of the cache the slot holds whole, or None: a slot holding part of a
+        warmup that gave way holds no template a request can start from."""
+        return None if self.partial(slot) else self.holding(slot)
+
 
 # What a slot holds is named by a key: a template's prefix, or a variant's key, that
 # prefix and a hash ("@code 1a2b3c4d5e6f7a8b", see variants.py). Prefixes hold no spaces.

@@ -786,6 +786,21 @@ def test_a_user_request_keeps_off_the_slot_of_a_warmup_that_gave_way(app, folder
     assert [prompt for _, prompt in pieces][3] == pieces[2][1]  # still resumed
 
 
+def test_the_slot_of_a_warmup_that_gave_way_is_not_shown_holding_its_template(
+    app, folder, llama, admin
+):
+    pieces = give_way_in_third_piece(app, folder, llama)
+    slot = pieces[0][0]
+    backend(app).scheduler._update_gauges()
+
+    shown = admin.get("/status").get_json()["slots"][slot]
+    assert shown["template"] is None and shown["partial"] == "@code"
+    assert sample(admin, "bioproxy_slots", template="@code", state="idle") == 0
+    warmer(app).check()  # once warm, the slot holds it whole
+    shown = admin.get("/status").get_json()["slots"][slot]
+    assert shown["template"] == "@code" and shown["partial"] is None
+
+
 def test_long_templates_are_evaluated_in_growing_pieces_cut_at_line_ends():
     from bioproxy.evaluation import cuts_of as _cuts
 
