@@ -130,7 +130,8 @@ class Backend:
         if settings.warmup_backend_url:
             evaluator = upstream(settings, settings.warmup_backend_url)
             pid, port = settings.warmup_backend_pid, urlsplit(settings.warmup_backend_url).port
-            hold = Hold(pid, port or 80) if pid else None
+            # Stopped half its read timeout at most per evaluation (see hold.py).
+            hold = Hold(pid, port or 80, settings.upstream_timeout / 2) if pid else None
             self.evaluator = Evaluator(
                 evaluator, settings.slot_timeout, settings.upstream_timeout, hold
             )

@@ -63,6 +63,7 @@ class Evaluation:
             cuts = cuts[-1:]
         elif after:
             cuts = [cut for cut in cuts if cut > after]
+            self.done = after  # held already: kept if it gives way again in its first piece
         evaluated = 0
         for cut in cuts:
             answer = self._piece(head[:cut])

@@ -78,6 +78,11 @@ class Evaluator:
         it saves, which has slot_timeout to answer in."""
         return self.hold.evaluation() if self.hold else nullcontext()
 
+    def evaluates(self, prefix, template):
+        """Whether it evaluates this template version now."""
+        current = self.current
+        return current is not None and current[:2] == (prefix, template.digest)
+
     def wait_for(self, prefix, template, timeout):
         """If it is evaluating this template version now, wait until it is done (at most
         timeout s): whether the request waited.
@@ -88,7 +93,7 @@ class Evaluator:
         saved file is restored in milliseconds. If it failed, the request goes on cold.
         """
         current = self.current
-        if current is None or current[:2] != (prefix, template.digest):
+        if not self.evaluates(prefix, template):
             return False
         self.waited += 1
         current[2].wait(timeout)

@@ -10,7 +10,9 @@ does. Stopped, its threads keep what they hold and its connections stay open: th
 evaluation goes on where it was, with its read timeout (upstream_timeout) counted as usual.
 A user's whole wait, not the generation after it: a non-streamed answer's first byte is
 its end. Never longer than HOLD_MAX at a stretch, so a queue of long prompts cannot
-starve a warmup for good.
+starve a warmup for good, and never more than budget seconds in all for one evaluation
+(half its read timeout), so that steady traffic with short gaps cannot keep it stopped
+until its read times out.
 """
 
 import logging
@@ -30,8 +32,10 @@ HOLD_MAX = 60.0  # seconds stopped at a stretch; then it runs until no user wait
 class Hold:
     """The warmup llama-server's process, stopped while it evaluates and a user waits."""
 
-    def __init__(self, pid, port):
+    def __init__(self, pid, port, budget=None):
         self.pid = pid
+        self.budget = budget  # seconds stopped in all for one evaluation (None: no limit)
+        self.spent = 0.0  # of it, for the evaluation under way
         self.fd = None  # a pidfd: a signal never reaches another process that got its pid
         self.problem = None  # why it is never stopped, or None
         self.waiting = 0  # users waiting for their answer's first byte
@@ -77,7 +81,7 @@ class Hold:
     @contextmanager
     def evaluation(self):
         """While the warmup llama-server evaluates a template."""
-        self.evaluating = True
+        self.evaluating, self.spent = True, 0.0
         self._apply()
         try:
             yield
@@ -107,30 +111,42 @@ class Hold:
         }
 
     def _apply(self):
-        want = self.evaluating and self.waiting > 0 and not self.expired and self.fd is not None
+        left = HOLD_MAX if self.budget is None else min(HOLD_MAX, self.budget - self.spent)
+        want = self.evaluating and self.waiting > 0 and not self.expired and left > 0
+        want = want and self.fd is not None
         if want == self.stopped:
             return
         if want and self._signal(signal.SIGSTOP):
             self.stopped_at = time.monotonic()
             self.holds += 1
-            self.timer = gevent.spawn_later(HOLD_MAX, self._expire)
+            self.timer = gevent.spawn_later(left, self._expire)
         elif not want:
             self._continue()
 
     def _continue(self):
+        """Let it run again: the seconds it was stopped for (0 if it was not)."""
         self._signal(signal.SIGCONT)
         if self.timer is not None:
             self.timer.kill(block=False)
             self.timer = None
         if self.stopped_at is not None:
-            self.held_seconds += time.monotonic() - self.stopped_at
+            seconds = time.monotonic() - self.stopped_at
+            self.held_seconds += seconds
+            self.spent += seconds
             self.stopped_at = None
+            return seconds
+        return 0.0
 
     def _expire(self):
         self.timer = None  # this greenlet: not killed by _continue
         self.expired = True
-        log.warning("the warmup llama-server ran again after %g s stopped for users", HOLD_MAX)
-        self._continue()
+        seconds = self._continue()
+        spent = self.budget is not None and self.spent >= self.budget
+        log.warning(
+            "the warmup llama-server runs again after %.3g s stopped for users%s",
+            seconds,
+            " (all this evaluation may be stopped)" if spent else "",
+        )
 
     def _signal(self, number):
         """Send the signal; whether it went (a process that ended is never held again)."""

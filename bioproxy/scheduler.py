@@ -73,7 +73,8 @@ class Scheduler:
 
     def submit(self, ticket):
         """Grant a slot now, queue the ticket, or refuse it (outcome FULL)."""
-        ticket.arrived = self.clock()
+        if ticket.arrived is None:  # set earlier when it waited before (templated.py)
+            ticket.arrived = self.clock()
         ticket.order = next(self.arrivals)
         waiting = sum(1 for t in self.queue if t.priority == USER)
         free = self._free()

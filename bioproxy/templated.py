@@ -70,8 +70,10 @@ def forward(backend, raw, body, expansion, send, watch=None):
     lease = None
     try:
         with watch.guard() if watch else nullcontext():
-            if backend.evaluator is not None and expansion and expansion.found.key:
-                # Its template evaluated there now: restored after, not evaluated twice.
+            if ticket is not None and _evaluated_elsewhere_now(backend, expansion):
+                # Restored once it is saved there, not evaluated twice. The time waited
+                # counts against queue_timeout, as if in the queue.
+                ticket.arrived = backend.scheduler.clock()
                 timeout = backend.queue_timeout
                 backend.evaluator.wait_for(expansion.entry.prefix, expansion.template, timeout)
             if ticket is not None:
@@ -95,6 +97,20 @@ def forward(backend, raw, body, expansion, send, watch=None):
         elif ticket is not None and ticket.outcome == GRANTED:
             backend.scheduler.release(ticket, drain=True)
         raise
+
+
+def _evaluated_elsewhere_now(backend, expansion):
+    """Whether the warmup llama-server evaluates the template version of this request
+    now, and the request would restore its file once saved: the template's own cache
+    (a variant's head is evaluated apart), with no saved file of that version already
+    (a warmup forced again evaluates it anew)."""
+    if backend.evaluator is None or expansion is None:
+        return False
+    found, entry, template = expansion.found, expansion.entry, expansion.template
+    if found.key != entry.prefix or found.variant is not None:
+        return False
+    evaluates = backend.evaluator.evaluates(entry.prefix, template)
+    return evaluates and backend.caches.find(entry.prefix, template) is None
 
 
 def _made_ready(backend, ticket, expansion):

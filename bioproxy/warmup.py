@@ -196,9 +196,11 @@ class Warmups:
 
         Once llama-server has stopped the piece under way (it does between batches), the
         slot's last task is the warmup's: resumable() then checks that it still is. Until
-        then the slot stays the warmup's, so no request lands there meanwhile.
+        then the slot stays the warmup's, so no request lands there meanwhile. Not when
+        requests go unpinned: llama-server may place one there meanwhile, whose task would
+        be taken for the warmup's (and it clears idle slots then anyway).
         """
-        if not run.done:
+        if not run.done or not self.backend.pins():
             return
         slots, deadline = self.backend.slots, time.monotonic() + PARTIAL_WAIT
         key, digest = run.entry.prefix, partial_digest(run.template.digest, run.done)

@@ -1,6 +1,7 @@
 """Warmups evaluated by a second llama-server (bioproxy/evaluator.py), against fakes of both."""
 
 import json
+import time
 
 import gevent
 import gevent.event
@@ -8,6 +9,7 @@ import pytest
 import requests
 import responses
 
+from bioproxy.scheduler import USER, Ticket
 from tests.fake_llama import SYSTEM, FakeLlama
 from tests.test_warmup import backend, templates_folder, warmer
 
@@ -221,3 +223,74 @@ def test_a_request_for_another_template_does_not_wait(app, folder, fake_llama, e
     warming.get(timeout=5)
     assert response.headers["X-Bioproxy-Cache"] in ("restored", "slot")
     assert backend(app).evaluator.waited == 0
+
+
+def held_there(app, evaluator):
+    """@code's evaluation there (warmed already, forced again) held until the event
+    returned is set; the greenlet that warms it."""
+    warmer(app).check()
+    started, go = gevent.event.Event(), gevent.event.Event()
+
+    def evaluating(body):
+        started.set()
+        go.wait(5)
+
+    evaluator.on_completion = evaluating
+    warmer(app).request_warmup("@code")
+    warming = gevent.spawn(warmer(app).check)
+    assert started.wait(5)
+    return go, warming
+
+
+def test_a_request_does_not_wait_for_a_version_already_saved(app, evaluator, client):
+    go, warming = held_there(app, evaluator)  # forced: evaluated again, its file kept
+    response = gevent.spawn(ask, client, "@code How?").get(timeout=2)  # served meanwhile
+    go.set()
+    warming.get(timeout=5)
+    assert response.headers["X-Bioproxy-Cache"] in ("restored", "slot")
+    assert backend(app).evaluator.waited == 0
+
+
+def test_a_variant_does_not_wait_for_its_template_s_evaluation(app, folder, evaluator, client):
+    go, warming = edited_and_held_there(app, folder, evaluator)
+    body = {
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "@code How?"},
+        ]
+    }
+    post = client.post
+    asked = gevent.spawn(post, "/v1/chat/completions", data=json.dumps(body), buffered=True)
+    response = asked.get(timeout=2)  # its head is evaluated apart: nothing to wait for
+    go.set()
+    warming.get(timeout=5)
+    assert response.status_code == 200 and "X-Bioproxy-Variant" in response.headers
+    assert backend(app).evaluator.waited == 0
+
+
+def test_the_wait_for_an_evaluation_counts_against_queue_timeout(
+    make_app, folder, fake_llama, evaluator
+):
+    app = make_app(
+        prefixes={"@code": "code.txt", "@review": "review.txt"},
+        slot_save_path=str(folder / "slots"),
+        warmup_backend_url=EVALUATOR,
+        queue_timeout=0.3,
+        queue_max_length=5,
+    )
+    client = app.test_client()
+    go, warming = edited_and_held_there(app, folder, evaluator)
+    scheduler = backend(app).scheduler
+    taken = [Ticket(USER, None) for _ in range(scheduler.slots.count)]
+    for ticket in taken:  # every slot busy
+        scheduler.submit(ticket)
+    started = time.monotonic()
+    response = gevent.spawn(ask, client, "@code How?").get(timeout=5)
+    waited = time.monotonic() - started
+    for ticket in taken:
+        scheduler.release(ticket)
+    go.set()
+    warming.get(timeout=5)  # its restore here needs a slot
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "queue_timeout"
+    assert waited < 0.55  # one queue_timeout in all, not one for each wait

@@ -96,6 +96,19 @@ def test_a_stretch_of_users_stops_it_at_most_hold_max(process, monkeypatch):
             assert stopped(process)  # a new stretch
 
 
+def test_an_evaluation_is_stopped_at_most_its_budget_in_all(process):
+    h = Hold(process.pid, PORT, budget=0.15)
+    with h.evaluation():
+        for _ in range(3):  # users with short gaps between them
+            with h.user():
+                gevent.sleep(0.1)
+        assert 0.14 <= h.held_seconds < 0.3
+        with h.user():
+            assert running(process)  # the budget is spent: not stopped again
+    with h.evaluation(), h.user():
+        assert stopped(process)  # the next evaluation has a budget of its own
+
+
 def test_a_process_that_ended_is_said_and_left_alone(process):
     h = Hold(process.pid, PORT)
     process.kill()

@@ -761,6 +761,42 @@ def test_a_warmup_that_gave_way_goes_on_from_what_its_slot_holds(app, folder, ll
     assert last["tokens_resumed"] > 0  # as llama-server reported the resumed piece
 
 
+def test_a_warmup_that_gives_way_again_in_its_first_piece_keeps_what_it_went_on_from(
+    app, folder, llama
+):
+    pieces = give_way_in_third_piece(app, folder, llama)
+    resumed_at = pieces[2][1]
+
+    def a_user_arrives_in_the_resumed_piece(body):
+        if "rule" in body["prompt"]:
+            pieces.append((body["id_slot"], body["prompt"]))
+            if body["prompt"] == resumed_at:
+                backend(app).gate.user_started()
+
+    llama.on_completion = a_user_arrives_in_the_resumed_piece
+    checking = gevent.spawn(warmer(app).check)
+    gevent.sleep(0.05)
+    backend(app).gate.user_finished()
+    checking.join(timeout=5)
+    assert backend(app).warmth["@code"].state == "stale"
+    llama.on_completion = lambda body: (
+        pieces.append((body["id_slot"], body["prompt"])) if "rule" in body["prompt"] else None
+    )
+    warmer(app).check()
+
+    assert backend(app).warmth["@code"].state == "warm"
+    prompts = [prompt for _, prompt in pieces]
+    assert prompts[3] == prompts[4] == resumed_at  # twice from the same piece, not the first
+    assert "tokens_resumed" in backend(app).warmth["@code"].last_warmup
+
+
+def test_unpinned_a_warmup_that_gave_way_is_not_kept_for_later(app, folder, llama, monkeypatch):
+    monkeypatch.setattr(backend(app), "pins", lambda: False)  # llama-server clears idle slots
+    pieces = give_way_in_third_piece(app, folder, llama)
+    assert backend(app).warmth["@code"].partial is None
+    assert not backend(app).slots.table.partial(pieces[0][0])
+
+
 def test_a_warmup_whose_slot_ran_something_else_meanwhile_starts_over(app, folder, llama):
     pieces = give_way_in_third_piece(app, folder, llama)
     llama.run_other_task(pieces[0][0])  # a request bioproxy did not send, in that slot
