@@ -8,7 +8,6 @@ the request path when a template's slot was taken by other work.
 import logging
 import time
 
-from .registry import filename
 from .slot_api import SlotFileRejected, SlotsUnsupported
 from .slot_table import named, template_of
 from .upstream import BackendError
@@ -52,7 +51,7 @@ class SavedCaches:
         warmup llama-server's slot API (evaluator.py), whose SlotsUnsupported is raised.
         """
         key = variant.key if variant else prefix
-        name = filename(key, template.digest, self.slots.table.model)
+        name = self.registry.filename(key, template.digest, self.slots.table.model)
         try:
             saved = (api or self.slots.api).save(slot, name)
             # The prefix plus the one token llama-server generates; anything else means

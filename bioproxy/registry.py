@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import tempfile
 import time
 
@@ -13,22 +14,54 @@ import gevent
 log = logging.getLogger(__name__)
 
 
-# bioproxy-<prefix's safe characters>-[<hash of the prefix>-]<template digest>-<model>.bin
-# (names saved before the prefix's hash was added are still recognised, to be deleted).
+# bioproxy-<prefix's safe characters>-[<hash of the prefix>-]<template digest>-<model>
+# [-<instance>].bin (names saved before the prefix's hash or the instance was added are
+# still recognised, to be deleted).
 NAME = re.compile(
-    r"bioproxy-[A-Za-z0-9_-]{0,32}-(?:[0-9a-f]{16}-)?[0-9a-f]{1,16}-[0-9a-f]{1,12}\.bin"
+    r"bioproxy-[A-Za-z0-9_-]{0,32}-(?:[0-9a-f]{16}-)?[0-9a-f]{1,16}-[0-9a-f]{1,12}"
+    r"(?:-[0-9a-f]{8})?\.bin"
 )
+INSTANCE = re.compile(r"[0-9a-f]{8}")
 
 
-def filename(prefix, digest, model):
+def filename(prefix, digest, model, instance):
     """The slot file's name: only bioproxy's own hashes and the prefix's safe characters.
 
     The safe characters alone would give "@ab" and "@a/b" one file; the prefix's own hash
-    keeps every prefix's file apart.
+    keeps every prefix's file apart, and the instance (instance_id) every bioproxy's.
     """
     name = re.sub(r"[^A-Za-z0-9_-]", "", prefix)[:32] or "template"
     own = hashlib.sha256(prefix.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"bioproxy-{name}-{own}-{digest[:16]}-{model[:12]}.bin"
+    return f"bioproxy-{name}-{own}-{digest[:16]}-{model[:12]}-{instance}.bin"
+
+
+def instance_id(state_dir):
+    """This bioproxy's own tag in the names of its slot files, kept in <state_dir>/instance.
+
+    Two bioproxies in front of one llama-server share its slot folder: with the same
+    names, each overwrote the other's files, found them changed (their SHA-256) and
+    deleted them, and both warmed their templates again and again. Made once, at random,
+    so that a restart finds its files again; where the state folder cannot be written,
+    a hash of its path stands in.
+    """
+    path = os.path.join(state_dir, "instance")
+    try:
+        with open(path, encoding="ascii") as f:
+            tag = f.read().strip()
+        if INSTANCE.fullmatch(tag):
+            return tag
+    except (OSError, ValueError):
+        pass  # none yet, or unreadable: made anew
+    tag = secrets.token_hex(4)
+    try:
+        os.makedirs(state_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=state_dir, delete=False, suffix=".tmp") as f:
+            f.write(tag + "\n")
+        os.replace(f.name, path)
+    except OSError as e:
+        tag = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:8]
+        log.warning("cannot keep this bioproxy's tag in %s (%s): using %s", path, e, tag)
+    return tag
 
 
 def off_loop(function, *args):
@@ -70,6 +103,7 @@ class Registry:
 
     def __init__(self, state_dir, slot_save_path=None):
         self.path = os.path.join(state_dir, "saved.json")
+        self.instance = instance_id(state_dir)
         self.slot_save_path = slot_save_path
         # key (a template's prefix, or a variant's key) -> what was saved; load() reads them
         self.entries = {}
@@ -94,7 +128,7 @@ class Registry:
         keep with it (a variant's template and head tokens).
         """
         entry = {
-            "file": filename(prefix, digest, model),
+            "file": self.filename(prefix, digest, model),
             "digest": digest,
             "model": model,
             "tokens": tokens,
@@ -112,6 +146,10 @@ class Registry:
         if old and old["file"] != entry["file"]:
             self.delete_file(old["file"])
         return entry
+
+    def filename(self, key, digest, model):
+        """The name of this bioproxy's slot file for a key, template version and model."""
+        return filename(key, digest, model, self.instance)
 
     def forget(self, prefix, file=None):
         """Drop a template's entry and its file (removed template, or a file that failed).
