@@ -106,8 +106,8 @@ def _evaluated_elsewhere_now(backend, expansion):
     (a warmup forced again evaluates it anew)."""
     if backend.evaluator is None or expansion is None:
         return False
-    found, entry, template = expansion.found, expansion.entry, expansion.template
-    if found.key != entry.prefix or found.variant is not None:
+    entry, template = expansion.entry, expansion.template
+    if expansion.found.key != entry.prefix:  # no cache to reuse, or a variant's key
         return False
     evaluates = backend.evaluator.evaluates(entry.prefix, template)
     return evaluates and backend.caches.find(entry.prefix, template) is None
