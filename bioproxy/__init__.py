@@ -10,13 +10,18 @@ from . import config
 
 @dataclasses.dataclass
 class State:
-    """What the views share: settings, metrics, the templates and the llama-server."""
+    """What the views share: settings, metrics, the templates and the llama-servers."""
 
     settings: config.Settings
     metrics: "metrics.Metrics"  # noqa: F821
     catalog: "catalog.Catalog"  # noqa: F821
-    backend: "backend.Backend"  # noqa: F821
+    pool: "pool.Pool"  # noqa: F821
     started: float
+
+    @property
+    def backend(self):
+        """The first backend (the only one, with backend_url)."""
+        return self.pool.first
 
 
 def get_state():
@@ -49,6 +54,7 @@ def create_app(overrides=None):
     from .backend import Backend
     from .catalog import Catalog
     from .metrics import Metrics
+    from .pool import BackendCollector, Pool
 
     settings = config.load_or_running(overrides)
     paths = settings.paths
@@ -57,15 +63,17 @@ def create_app(overrides=None):
     catalog = Catalog(
         settings.prefixes, paths.base_dir, paths.template_root, settings.max_template_bytes, metrics
     )
-    backend = Backend(settings, paths, catalog, metrics)
+    pool = Pool(Backend(settings, spec, catalog, metrics) for spec in settings.backends_list())
+    metrics.registry.register(BackendCollector(pool))
     # The files bioproxy reads before it serves: the templates, and what it saved.
-    backend.warmer.reload()
-    backend.open()
+    pool.first.reload_templates()
+    for backend in pool:
+        backend.open()
     app.extensions["bioproxy"] = State(
         settings=settings,
         metrics=metrics,
         catalog=catalog,
-        backend=backend,
+        pool=pool,
         started=time.monotonic(),
     )
     errors.init_app(app)

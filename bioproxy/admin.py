@@ -5,12 +5,12 @@ import time
 from importlib import resources
 from urllib.parse import urlsplit
 
+import gevent
 from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import NotFound
 
 from . import get_state
-from .backend import get_backend
 from .errors import CrossSiteRequest
 from .metrics import do_not_track
 
@@ -86,20 +86,28 @@ def status_page():
 def health():
     """bioproxy's status: 200 when llama.cpp answers, 503 while it is down or loading.
 
-    With ?always_200 the answer is 200 whatever llama.cpp's state, for the status page:
+    With several backends, 200 while one of them answers ("degraded" unless all do). With
+    ?always_200 the answer is 200 whatever llama.cpp's state, for the status page:
     browsers log every 5xx answer to a fetch() as an error in their console.
     """
-    upstream = get_backend().upstream
-    backend, detail = upstream.health()
+    pool = get_state().pool
+    looks = [gevent.spawn(backend.upstream.health) for backend in pool]
+    gevent.joinall(looks)
+    backends = []
+    for backend, look in zip(pool, looks, strict=True):
+        status, detail = look.value
+        backends.append({"name": backend.name, "url": backend.upstream.base_url, "status": status})
+        if detail:
+            backends[-1]["detail"] = detail
+    answering = [b for b in backends if b["status"] == "ok"]
     body = {
-        "status": "ok" if backend == "ok" else "degraded",
+        "status": "ok" if len(answering) == len(backends) else "degraded",
         "uptime_seconds": round(time.monotonic() - get_state().started, 3),
-        "backend": {"url": upstream.base_url, "status": backend},
+        "backend": {k: v for k, v in backends[0].items() if k != "name"},  # the first's
+        "backends": backends,
     }
-    if detail:
-        body["backend"]["detail"] = detail
     response = jsonify(body)
-    response.status_code = 200 if backend == "ok" or "always_200" in request.args else 503
+    response.status_code = 200 if answering or "always_200" in request.args else 503
     return response
 
 
@@ -111,32 +119,53 @@ def metrics():
 
 @bp.get("/templates", host="admin")
 def templates():
-    """Each configured template: its file, state, tokens, save file and last warmup."""
-    backend = get_backend()
+    """Each configured template: its file, state, tokens, save file and last warmup, on
+    the first backend, and on each one under "backends"."""
+    pool = get_state().pool
     return jsonify(
         {
-            "backend": backend.seen(),
-            "templates": [backend.describe(entry.prefix) for entry in get_state().catalog],
+            "backend": pool.first.seen(),
+            "templates": [describe(pool, entry.prefix) for entry in get_state().catalog],
         }
     )
 
 
+def describe(pool, prefix):
+    """One template: as the first backend has it, and as each has it."""
+    return {
+        **pool.first.describe(prefix),
+        "backends": [{"name": b.name, **b.describe(prefix)} for b in pool],
+    }
+
+
 @bp.post("/templates/<path:prefix>/warmup", host="admin")
 def warmup(prefix):
-    """Warm a template again now (in the background); 202 with its entry."""
-    backend = get_backend()
-    if prefix not in backend.warmth:
+    """Warm a template again now, on every backend (in the background); 202 with its entry."""
+    pool = get_state().pool
+    if prefix not in pool.first.warmth:
         raise NotFound(f"no template has the prefix {prefix!r}")
-    backend.warmer.request_warmup(prefix)
-    response = jsonify(backend.describe(prefix))
+    for backend in pool:
+        backend.warmer.request_warmup(prefix)
+    response = jsonify(describe(pool, prefix))
     response.status_code = 202
     return response
 
 
 @bp.get("/status", host="admin")
 def status():
-    """What bioproxy is doing: llama-server's slots, the queue, the warmups."""
-    backend = get_backend()
+    """What bioproxy is doing: llama-server's slots, the queue, the warmups; for the first
+    backend at the top, and for each one under "backends"."""
+    pool = get_state().pool
+    return jsonify(
+        {
+            **backend_status(pool.first),
+            "backends": [{**b.summary(), **backend_status(b)} for b in pool],
+            "ttft": get_state().metrics.recent_first_tokens.buckets(),
+        }
+    )
+
+
+def backend_status(backend):
     scheduler = backend.scheduler.describe()
     if not backend.slots.table.reachable:
         # What llama-server is doing is unknown while it does not answer: only the
@@ -144,13 +173,10 @@ def status():
         for slot in scheduler["slots"]:
             if slot["task"] is None or slot["task"]["kind"] == "other":
                 slot["state"], slot["task"] = "unknown", None
-    return jsonify(
-        {
-            "backend": backend.upstream.base_url,
-            "backend_seen": backend.seen(),
-            "backend_mode": backend.mode(),
-            **scheduler,
-            "warmups": backend.warmer.describe(),
-            "ttft": get_state().metrics.recent_first_tokens.buckets(),
-        }
-    )
+    return {
+        "backend": backend.upstream.base_url,
+        "backend_seen": backend.seen(),
+        "backend_mode": backend.mode(),
+        **scheduler,
+        "warmups": backend.warmer.describe(),
+    }

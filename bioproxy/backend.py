@@ -1,6 +1,6 @@
 """One llama-server as one unit: its slots, their queue, its saved caches, its warmer.
 
-The app factory builds one (build()); the views reach it through get_backend().
+The app factory builds one for each configured llama-server, in a Pool (pool.py).
 """
 
 import logging
@@ -8,6 +8,7 @@ import time
 from contextlib import nullcontext
 from urllib.parse import urlsplit
 
+import gevent
 from flask import current_app
 
 from .caches import SavedCaches
@@ -22,13 +23,13 @@ from .slot_table import UNKNOWN, SlotTable
 from .upstream import BackendError, Upstream
 from .variants import Variants
 from .warmer import Warmer
-from .warmth import Warmth
+from .warmth import State, Warmth
 
 log = logging.getLogger(__name__)
 
 
 def get_backend():
-    """The llama-server the current request goes to."""
+    """The first llama-server (the only one with backend_url)."""
     return current_app.extensions["bioproxy"].backend
 
 
@@ -88,28 +89,30 @@ class Slots:
         self.table.forget(slot)
 
 
-def upstream(settings, url):
-    """A llama-server at url, with the settings' timeouts and llama-server's API key."""
+def upstream(settings, url, api_key):
+    """A llama-server at url, with the settings' timeouts and that llama-server's API key."""
     return Upstream(
         url,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.upstream_timeout,
         health_timeout=settings.health_timeout,
-        api_key=settings.backend_api_key,
+        api_key=api_key,
     )
 
 
 class Backend:
-    """One llama-server and what bioproxy keeps of it. Built without I/O: see build()."""
+    """One llama-server and what bioproxy keeps of it (spec: a config.Spec). Built without
+    I/O: create_app() reads its files (open()), its warmer reaches it."""
 
-    def __init__(self, settings, paths, catalog, metrics):
-        self.upstream = upstream(settings, settings.backend_url)
+    def __init__(self, settings, spec, catalog, metrics):
+        self.name = spec.name
+        self.upstream = upstream(settings, spec.url, spec.api_key)
         self.metrics = metrics
         self.catalog = catalog
         self.slots = Slots(SlotTable(), SlotApi(self.upstream, settings.slot_timeout))
         self.queue_timeout = settings.queue_timeout  # also the longest wait for the evaluator
         self.scheduler = Scheduler(
-            self.slots.table, settings.queue_max_length, settings.queue_timeout, metrics
+            self.slots.table, settings.queue_max_length, settings.queue_timeout, metrics, spec.name
         )
         self.warmth = {entry.prefix: Warmth(entry.prefix) for entry in catalog}
         self.prompts = Prompts(self.upstream, settings.upstream_timeout, settings.slot_timeout)
@@ -123,18 +126,45 @@ class Backend:
         # A slot given back before its answer ended: the watcher looks at it soon.
         self.scheduler.on_drain = self.warmer.poke_soon
         self.gate = Gate(settings.warmup_only_when_idle, on_idle=self.warmer.resume_when_idle)
-        registry = Registry(paths.state_dir, paths.slot_save_path)
+        registry = Registry(spec.state_dir, spec.slot_save_path)
         self.caches = SavedCaches(registry, self.slots, self.prompts, metrics, self.discarded)
         self.variants = Variants(self, settings.variant_budget_bytes)
         self.evaluator = None
         if settings.warmup_backend_url:
-            evaluator = upstream(settings, settings.warmup_backend_url)
+            evaluator = upstream(settings, settings.warmup_backend_url, spec.api_key)
             pid, port = settings.warmup_backend_pid, urlsplit(settings.warmup_backend_url).port
             # Stopped half its read timeout at most per evaluation (see hold.py).
             hold = Hold(pid, port or 80, settings.upstream_timeout / 2) if pid else None
             self.evaluator = Evaluator(
                 evaluator, settings.slot_timeout, settings.upstream_timeout, hold
             )
+
+        # The backends whose warmth a change of a template's text makes stale (pool.py).
+        self.siblings = [self]
+        # Failed requests in a row that did not reach llama-server (refused, timed out).
+        self.failures = 0
+        self.health_interval = settings.health_check_interval
+        self.checker = None  # the greenlet of check_health_forever()
+
+    def reload_templates(self):
+        """Read the templates again: one whose text is new is stale on every backend."""
+        for prefix in self.catalog.reload():
+            for backend in self.siblings:
+                backend.warmth[prefix].mark_stale()
+                backend.variants.prune()  # its variants of the text before
+                if backend is not self:
+                    backend.warmer.wake.set()  # its own pass warms it
+
+    def up(self):
+        """Whether routing sends requests here: the last look reached llama-server, and no
+        request has failed to reach it since."""
+        return self.slots.table.reachable and self.failures == 0
+
+    def unreachable(self):
+        """A request could not reach llama-server: out of routing until a look does."""
+        self.failures += 1
+        self.slots.table.unreachable()
+        self.warmer.wake.set()
 
     def open(self):
         """Read what was saved; forget the files of templates no longer configured."""
@@ -191,8 +221,32 @@ class Backend:
         is stopped meanwhile, if bioproxy knows its process (hold.py)."""
         return self.evaluator.held_for_user() if self.evaluator else nullcontext()
 
-    def close(self):
+    def start(self):
+        """In the worker: the warmer, and with several backends the health checks."""
+        self.warmer.start()
+        if len(self.siblings) > 1:
+            self.checker = gevent.spawn(self.check_health_forever)
+
+    def stop(self):
         self.warmer.stop()
+        if self.checker is not None:
+            self.checker.kill()
+
+    def check_health_forever(self):
+        """Look at llama-server's /health every health_check_interval: one that stops
+        answering is out of routing within that time; one that answers again is looked
+        at by its warmer at once (a restart found, its templates warmed again)."""
+        while True:
+            gevent.sleep(self.health_interval)
+            status, detail = self.upstream.health()
+            if status != "ok" and self.up():
+                log.warning("backend %s is out of routing: %s", self.name, detail)
+                self.unreachable()
+            elif status == "ok" and not self.up():
+                self.warmer.wake.set()
+
+    def close(self):
+        self.stop()
         self.upstream.close()
         if self.evaluator is not None:
             self.evaluator.close()
@@ -217,6 +271,26 @@ class Backend:
             "last_warmup": warmth.last_warmup,
             "requests": dict(warmth.requests),
             "variants": self.variants.describe(prefix),
+        }
+
+    def warm_count(self):
+        """How many templates are warm here, as bioproxy last saw."""
+        return sum(1 for warmth in self.warmth.values() if warmth.state == State.WARM)
+
+    def summary(self):
+        """This backend at a glance, for /status: up, slots, templates warm, queue."""
+        scheduler = self.scheduler
+        return {
+            "name": self.name,
+            "url": self.upstream.base_url,
+            "up": self.up(),
+            **self.seen(),
+            "slot_count": scheduler.slots.count,
+            "slots_busy": scheduler.slots.count - len(scheduler.free_slots()),
+            "queue": scheduler.users_waiting(),
+            "users_in_flight": self.gate.users,
+            "templates_warm": self.warm_count(),
+            "templates": {prefix: w.state.value for prefix, w in self.warmth.items()},
         }
 
     def seen(self):

@@ -4,6 +4,13 @@ Kept apart from cli.py: gunicorn's master imports it, and must not import reques
 """
 
 
+def _backends(settings):
+    specs = settings.backends_list()
+    if len(specs) == 1:
+        return [f"  Backend llama.cpp:  {specs[0].url}"]
+    return [f"  Backends llama.cpp: {len(specs)}"] + [f"    {s.name} -> {s.url}" for s in specs]
+
+
 def banner(settings, chat_page=False):
     proxy = _url(settings.proxy_host, settings.proxy_port)
     admin = _url(settings.admin_host, settings.admin_port)
@@ -12,7 +19,7 @@ def banner(settings, chat_page=False):
         "",
         "Configuration:",
         f"  Proxy listening on: {proxy}",
-        f"  Backend llama.cpp:  {settings.backend_url}",
+        *_backends(settings),
         f"  Admin:              {admin}",
         f"  Warmup interval:    {settings.warmup_check_interval:g} s",
         f"  Templates:          {len(settings.prefixes)}",

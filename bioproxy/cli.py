@@ -15,11 +15,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def backend_configured(environ):
-    """Whether the user named a backend (config file or environment)."""
-    if config.env_name("backend_url") in environ:
+    """Whether the user named a backend (config file or environment): backend_url, or a
+    list of backends that is not empty."""
+    if (
+        config.env_name("backend_url") in environ
+        or environ.get(config.env_name("backends"), "[]") != "[]"
+    ):
         return True
     path = config.config_path(environ)
-    return "backend_url" in config.read_file(path, required="BIOPROXY_CONFIG" in environ)
+    values = config.read_file(path, required="BIOPROXY_CONFIG" in environ)
+    return "backend_url" in values or bool(values.get("backends"))
 
 
 def answers(url):
@@ -155,9 +160,8 @@ def check_config(environ):
         return 1
     paths = settings.paths
     print(config.describe_source(settings, environ))
-    print(
-        f"proxy {settings.proxy_bind}, admin {settings.admin_bind}, backend {settings.backend_url}"
-    )
+    urls = ", ".join(spec.url for spec in settings.backends_list())
+    print(f"proxy {settings.proxy_bind}, admin {settings.admin_bind}, backend {urls}")
     broken = 0
     for prefix, file in sorted(settings.prefixes.items()):
         try:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import os
+from urllib.parse import urlsplit
 
 from .validation import ConfigError, check, parse_env
 
@@ -30,6 +31,12 @@ class Settings:
     backend_url: str = "http://localhost:8081"
     warmup_check_interval: float = 30.0
     prefixes: dict = dataclasses.field(default_factory=dict)
+    # Several llama-servers (see backends()): each a URL, or an object with its url and
+    # optionally its name, backend_api_key and slot_save_path. Empty: backend_url alone.
+    backends: list = dataclasses.field(default_factory=list)
+    # With several backends: seconds between looks at each one's /health, so that one
+    # that stops answering is out of routing within that time (and back once it answers).
+    health_check_interval: float = 2.0
     # Limits and timeouts of the proxy.
     max_request_bytes: int = 8 * 1024 * 1024
     # Slow clients: whole seconds to send a request's line and headers (and how long an
@@ -82,6 +89,42 @@ class Settings:
             slot_save_path=resolve_path(self.slot_save_path, base) if self.slot_save_path else None,
         )
 
+    def backends_list(self):
+        """The llama-servers bioproxy fronts, each a Spec: `backends`, else backend_url.
+
+        With one, its saved caches' record is state_dir itself (as before `backends`);
+        with several, each has its own folder in it, state_dir/backends/NAME.
+        """
+        paths = self.paths
+        if not self.backends:
+            return [
+                Spec(
+                    name=default_name(self.backend_url),
+                    url=self.backend_url,
+                    api_key=self.backend_api_key,
+                    slot_save_path=paths.slot_save_path,
+                    state_dir=paths.state_dir,
+                )
+            ]
+        specs = []
+        for item in self.backends:
+            item = {"url": item} if isinstance(item, str) else item
+            name = item.get("name") or default_name(item["url"])
+            folder = item.get("slot_save_path")
+            state_dir = paths.state_dir
+            if len(self.backends) > 1:
+                state_dir = os.path.join(state_dir, "backends", name.replace(":", "_"))
+            specs.append(
+                Spec(
+                    name=name,
+                    url=item["url"],
+                    api_key=item.get("backend_api_key", self.backend_api_key),
+                    slot_save_path=resolve_path(folder, paths.base_dir) if folder else None,
+                    state_dir=state_dir,
+                )
+            )
+        return specs
+
     @property
     def proxy_bind(self):
         return _bind_address(self.proxy_host, self.proxy_port)
@@ -97,6 +140,25 @@ class Paths:
     template_root: str
     state_dir: str
     slot_save_path: str | None  # None: llama-server's slot folder is not known here
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One llama-server as configured: what names it, reaches it, and keeps its caches."""
+
+    name: str  # in the X-Bioproxy-Backend header, the access log and metrics labels
+    url: str
+    api_key: str
+    slot_save_path: str | None
+    state_dir: str
+
+
+def default_name(url):
+    """A backend's name when none is given: host:port of its URL."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # The config file's keys.
@@ -203,7 +265,31 @@ def load(overrides=None, environ=None):
     settings = Settings(**values, base_dir=base_dir(environ))
     if settings.proxy_port == settings.admin_port:
         raise ConfigError(f"proxy_port and admin_port are both {settings.proxy_port}")
+    check_backends(settings, values)
     return settings
+
+
+def check_backends(settings, values):
+    """ConfigError for backends that contradict the other keys or each other."""
+    if not settings.backends:
+        return
+    for key in ("backend_url", "slot_save_path"):
+        if key in values:
+            raise ConfigError(
+                f"{key} and backends are both set: with backends, give each llama-server's "
+                f"url and slot_save_path in its own entry"
+            )
+    if len(settings.backends) > 1 and settings.warmup_backend_url:
+        raise ConfigError(
+            "warmup_backend_url works with one backend only: with several, each evaluates "
+            "its own warmups"
+        )
+    names, urls = set(), set()
+    for spec in settings.backends_list():
+        if spec.name in names or spec.url.rstrip("/") in urls:
+            raise ConfigError(f"backends: {spec.name} ({spec.url}) is there twice")
+        names.add(spec.name)
+        urls.add(spec.url.rstrip("/"))
 
 
 def load_or_running(overrides=None, environ=None):

@@ -107,7 +107,13 @@ class UpstreamError(BioproxyError):
 
 
 class UpstreamUnavailable(UpstreamError):
-    """llama.cpp refused, reset or garbled the connection before answering."""
+    """llama.cpp refused, reset or garbled the connection before answering.
+
+    unsent: the request never reached it (no connection was made), so it may go to
+    another backend.
+    """
+
+    unsent = False
 
 
 class UpstreamTimeout(UpstreamError):

@@ -49,6 +49,13 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        self.backend_requests = Counter(
+            f"{PREFIX}_backend_requests_total",
+            "Proxied requests by the backend (llama-server) that served them, as in the "
+            "X-Bioproxy-Backend header; answered errors included.",
+            ["backend"],
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             f"{PREFIX}_requests_in_flight",
             "Proxied requests whose response has not yet been fully sent.",
@@ -63,7 +70,8 @@ class Metrics:
         ).set_function(count_greenlets)
         self.queue_length = Gauge(
             f"{PREFIX}_queue_length",
-            "User requests waiting for a llama-server slot.",
+            "User requests waiting for a llama-server slot, by backend.",
+            ["backend"],
             registry=self.registry,
         )
         self.queue_wait = Histogram(
@@ -86,9 +94,9 @@ class Metrics:
         )
         self.slots = Gauge(
             f"{PREFIX}_slots",
-            "llama-server slots by the template whose cache they hold (empty: none) and "
-            "state (busy, idle).",
-            ["template", "state"],
+            "llama-server slots by backend, the template whose cache they hold (empty: "
+            "none) and state (busy, idle).",
+            ["backend", "template", "state"],
             registry=self.registry,
         )
         self.first_token = Histogram(

@@ -12,7 +12,6 @@ from flask import Blueprint, Response, g, request
 
 from . import endpoints, get_state, injection, templated
 from . import headers as header_rules
-from .backend import get_backend
 from .body import AnswerBody
 from .client_watch import ClientWatch
 from .errors import (
@@ -23,6 +22,7 @@ from .errors import (
     Unauthorized,
     UnsupportedMediaType,
     UpstreamError,
+    UpstreamUnavailable,
 )
 from .first_content import first_content_timed
 from .metrics import METHODS
@@ -57,7 +57,7 @@ class PassthroughResponse(Response):
 @bp.before_request
 def start_tracking():
     g.started = time.monotonic()
-    g.user, g.lease = False, None  # forward() sets them
+    g.user, g.lease, g.backend = None, None, None  # forward() sets them
     state = get_state()
     state.metrics.in_flight.inc()
     if state.settings.api_key:
@@ -67,27 +67,31 @@ def start_tracking():
 @bp.after_request
 def track_until_closed(response):
     """Count the request in flight and log it once its response is closed (stream sent)."""
-    metrics, gate = get_state().metrics, get_backend().gate
+    metrics = get_state().metrics
     line = (request.remote_addr, request.method, endpoints.request_target(request.environ))
     status, started, user, lease = response.status_code, g.started, g.user, g.lease
+    backend = g.backend.name if g.backend is not None else "-"
+    if g.backend is not None:
+        metrics.backend_requests.labels(backend).inc()
     template = lease.entry.prefix if lease is not None and lease.entry is not None else ""
     if response.mimetype == "text/event-stream" and status == 200:
         response.response = first_content_timed(response.response, started, metrics, template)
 
     def done():
         metrics.in_flight.dec()
-        if user:
-            gate.user_finished()
+        if user is not None:
+            user.gate.user_finished()
         duration_ms = (time.monotonic() - started) * 1000
         # The cache as measured: the lease ended (its answer's body closed) before this.
         cache = lease.outcome if template else "-"
         access_log.info(
-            "%s %s %s %d %.1fms template=%s cache=%s",
+            "%s %s %s %d %.1fms template=%s cache=%s backend=%s",
             *line,
             status,
             duration_ms,
             template or "-",
             cache,
+            backend,
         )
 
     response.call_on_close(done)
@@ -98,7 +102,7 @@ def track_until_closed(response):
 @bp.route("/<path:path>", methods=METHODS, host="proxy")
 def forward(path):
     """Forward the request as it came and stream llama.cpp's answer back."""
-    state, backend = get_state(), get_backend()
+    state = get_state()
     settings = state.settings
     target = endpoints.request_target(request.environ)
     if not target.startswith("/"):
@@ -119,22 +123,18 @@ def forward(path):
     # The client's key is bioproxy's own when api_key is set; llama-server's key, if any,
     # is added by the upstream.
     owned = header_rules.REQUEST_OWNED | (
-        {"authorization"} if settings.api_key or settings.backend_api_key else set()
+        {"authorization"} if settings.api_key or state.pool.keyed else set()
     )
     headers = header_rules.end_to_end(list(request.headers.items()), owned)
     headers += header_rules.forwarded(request, settings.trust_forwarded_for)
 
-    def send(data, lease=None):
-        """llama.cpp's answer body to data, its first chunk read (see AnswerBody.start).
-        lease: a request for a slot, whose prompt the warmup llama-server stays out of."""
-        with backend.user_waiting() if lease is not None else nullcontext():
-            answer = send_upstream(backend, state.metrics, request.method, target, headers, data)
-            body = AnswerBody(answer, state.metrics, lease)
-            body.start()
-        return body
-
+    pool = state.pool
     if not endpoints.is_slotted(request.method, path):
-        return respond(send(body))  # not read: llama.cpp gets it as it came
+        # Not read: llama.cpp gets it as it came.
+        def passed(backend):
+            return respond(send(backend, state, target, headers, body))
+
+        return tried(pool, None, passed)
     # It evaluates a prompt: it waits for a slot of its own, so bioproxy reads it.
     if request.mimetype not in JSON_TYPES and not request.mimetype.endswith("+json"):
         raise UnsupportedMediaType(
@@ -147,15 +147,56 @@ def forward(path):
     expansion = templated.expand(state.catalog, match, limit) if match else None
     if match is None:
         templated.check_pinnable(body, parsed)
-    else:
-        expansion.place(backend.variants, match)
-    # A user from here on: warmups give way until its answer has been sent.
-    g.user = True
-    backend.gate.user_started()
-    watch = ClientWatch(request.environ)
-    answer = templated.forward(backend, body, parsed, expansion, send, watch)
-    response = respond(answer)
-    lease = answer.lease
+    # Routed by its template where a warm cache can serve it: a chat that opened with it.
+    reuses = expansion if match is not None and match.opening is not None else None
+
+    def serve(backend):
+        if expansion is not None:
+            expansion.place(backend.variants, match)
+        # A user from here on: that backend's warmups give way until its answer is sent.
+        g.user = backend
+        backend.gate.user_started()
+        watch = ClientWatch(request.environ)
+
+        def sent(data, lease):
+            return send(backend, state, target, headers, data, lease)
+
+        try:
+            answer = templated.forward(backend, body, parsed, expansion, sent, watch)
+        except BaseException:
+            g.user = None
+            backend.gate.user_finished()
+            raise
+        return templated_response(respond(answer), answer.lease)
+
+    return tried(pool, reuses, serve)
+
+
+def tried(pool, expansion, serve):
+    """serve(backend) on the backend routing picks; on the next one while a backend cannot
+    be reached at all (nothing was sent there). The response says which one served it."""
+    entry, template = (expansion.entry, expansion.template) if expansion else (None, None)
+    failed = []
+    while True:
+        backend = pool.route(entry, template, avoid=failed)
+        g.backend = backend
+        try:
+            response = serve(backend)
+        except UpstreamUnavailable as e:
+            if not e.unsent or len(pool) == 1:
+                raise
+            backend.unreachable()
+            failed.append(backend)
+            if len(failed) == len(pool):
+                raise
+            log.warning("backend %s unreachable, sending to another: %s", backend.name, e)
+            continue
+        response.headers["X-Bioproxy-Backend"] = backend.name
+        return response
+
+
+def templated_response(response, lease):
+    """The response, with what bioproxy did for its template (if any) in its headers."""
     if lease.entry is not None:
         prefix = lease.entry.prefix
         g.lease = lease  # for the access log and the time to first token
@@ -165,6 +206,16 @@ def forward(path):
         if lease.variant is not None:
             response.headers["X-Bioproxy-Variant"] = variant_id(lease.variant.key)
     return response
+
+
+def send(backend, state, target, headers, data, lease=None):
+    """llama.cpp's answer body to data, its first chunk read (see AnswerBody.start).
+    lease: a request for a slot, whose prompt the warmup llama-server stays out of."""
+    with backend.user_waiting() if lease is not None else nullcontext():
+        answer = send_upstream(backend, state.metrics, request.method, target, headers, data)
+        body = AnswerBody(answer, state.metrics, lease)
+        body.start()
+    return body
 
 
 def send_upstream(backend, metrics, method, target, headers, body):

@@ -49,8 +49,9 @@ class Scheduler:
     slots is the SlotTable: its count, and which template each slot holds.
     """
 
-    def __init__(self, slots, max_queue, max_wait, metrics=None, clock=time.monotonic):
+    def __init__(self, slots, max_queue, max_wait, metrics=None, name="", clock=time.monotonic):
         self.slots = slots
+        self.name = name  # the backend's, in its gauges' labels
         self.max_queue = max_queue  # user requests that may wait at once
         self.max_wait = max_wait  # seconds a user request may wait
         self.metrics = metrics
@@ -68,6 +69,9 @@ class Scheduler:
         self.hold_seconds = None  # moving average of how long a slot is held
         self.on_drain = None  # called when a slot is given back with work still under way
         self.unpinned_released = 0  # the value of releases when an unpinned ticket last was
+        self.gauged = set()  # the label values of bioproxy_slots this scheduler set
+        if metrics is not None:
+            metrics.queue_length.labels(name).set(0)
 
     # The bookkeeping.
 
@@ -200,6 +204,13 @@ class Scheduler:
     def _free(self):
         return [s for s in range(self.slots.count) if s not in self.busy and s not in self.foreign]
 
+    def free_slots(self):
+        """The slots no one uses now (for routing between backends)."""
+        return self._free()
+
+    def users_waiting(self):
+        return sum(1 for t in self.queue if t.priority == USER)
+
     def update_foreign(self, released_before=None):
         """After a refresh of the slots: which are busy without bioproxy knowing why.
 
@@ -250,12 +261,19 @@ class Scheduler:
     def _update_gauges(self):
         if self.metrics is None:
             return
-        self.metrics.queue_length.set(sum(1 for t in self.queue if t.priority == USER))
-        occupancy = self.metrics.slots
-        occupancy.clear()
+        waiting = sum(1 for t in self.queue if t.priority == USER)
+        self.metrics.queue_length.labels(self.name).set(waiting)
+        counts = {}
         for slot in range(self.slots.count):
             state = "busy" if slot in self.busy or slot in self.foreign else "idle"
-            occupancy.labels(template_of(self.slots.whole(slot) or ""), state).inc()
+            key = (self.name, template_of(self.slots.whole(slot) or ""), state)
+            counts[key] = counts.get(key, 0) + 1
+        occupancy = self.metrics.slots
+        for key in self.gauged - counts.keys():  # this backend's only: others share it
+            occupancy.remove(*key)
+        for key, count in counts.items():
+            occupancy.labels(*key).set(count)
+        self.gauged = set(counts)
 
     def invariants(self):
         """Which of the invariants above do not hold now, in words (none, ever)."""

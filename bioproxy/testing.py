@@ -99,6 +99,7 @@ class Bioproxy:
     """bioproxy under real gunicorn with its gevent worker, configured by BIOPROXY_* variables."""
 
     def __init__(self, backend_url, workdir, config=None, **settings):
+        """backend_url: llama-server's, or None when the config lists its backends."""
         self.proxy_port = free_port()
         self.admin_port = free_port()
         self.log_path = os.path.join(workdir, "gunicorn.log")
@@ -107,7 +108,7 @@ class Bioproxy:
             json.dump(config or {}, f)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BIOPROXY_")}
         settings = {
-            "backend_url": backend_url,
+            **({"backend_url": backend_url} if backend_url else {}),
             "proxy_port": self.proxy_port,
             "admin_port": self.admin_port,
             "state_dir": os.path.join(workdir, "state"),
@@ -115,7 +116,7 @@ class Bioproxy:
         }
         self.env["BIOPROXY_CONFIG"] = config_path
         for key, value in settings.items():
-            text = json.dumps(value) if isinstance(value, dict) else str(value)
+            text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
             self.env["BIOPROXY_" + key.upper()] = text
         self.process = None
 

@@ -71,16 +71,25 @@ class Upstream:
         prepared.prepare_body(body, None)
         try:
             return self._send(prepared, self.read_timeout)
-        except requests.Timeout as e:
-            log.warning("upstream timeout: %s %s: %s", method, target, _reason(e))
-            raise UpstreamTimeout(
-                f"llama.cpp at {self.base_url} sent no response within {self.read_timeout:g} s"
-            ) from e
         except requests.RequestException as e:
-            log.warning("upstream unavailable: %s %s: %s", method, target, _reason(e))
-            raise UpstreamUnavailable(
+            raise self._failure(method, target, e) from e
+
+    def _failure(self, method, target, e):
+        """The UpstreamError for a request that failed before llama.cpp's response."""
+        if _not_connected(e):
+            log.warning("upstream unreachable: %s %s: %s", method, target, _reason(e))
+            error = UpstreamUnavailable(
                 f"llama.cpp at {self.base_url} is unavailable: {_reason(e)}"
-            ) from e
+            )
+            error.unsent = True
+            return error
+        if isinstance(e, requests.Timeout):
+            log.warning("upstream timeout: %s %s: %s", method, target, _reason(e))
+            return UpstreamTimeout(
+                f"llama.cpp at {self.base_url} sent no response within {self.read_timeout:g} s"
+            )
+        log.warning("upstream unavailable: %s %s: %s", method, target, _reason(e))
+        return UpstreamUnavailable(f"llama.cpp at {self.base_url} is unavailable: {_reason(e)}")
 
     def open(self, method, path, body=None, timeout=None):
         """One of bioproxy's own calls, streamed: the response once its headers arrived."""
@@ -159,6 +168,15 @@ def iter_body(response):
             # it; drop it now instead of racing its FIN when the pool hands it out again.
             response.raw.close()
         response.close()
+
+
+def _not_connected(error):
+    """Whether a request failed before any connection to llama.cpp was made (refused,
+    no route, or no connection within connect_timeout): nothing of it was sent."""
+    if isinstance(error, requests.ConnectTimeout):
+        return True
+    inner = error.args[0] if error.args else None
+    return isinstance(getattr(inner, "reason", inner), urllib3.exceptions.NewConnectionError)
 
 
 def _closed_before_answering(error):

@@ -1,6 +1,7 @@
 """Checking config values: each key's type and range, and values read from the environment."""
 
 import json
+import re
 from urllib.parse import urlsplit
 
 
@@ -21,7 +22,7 @@ def parse_env(name, text, kind):
             return int(text)
         if kind is float:
             return float(text)
-        if kind is dict:
+        if kind in (dict, list):
             return json.loads(text)
     except ValueError:
         raise ConfigError(f"{name}: expected {_describe(kind)}, got {text!r}") from None
@@ -50,15 +51,11 @@ def _problem(key, value):
     if key.endswith("_host") and not value.strip():
         return "must not be empty"
     if key == "backend_url" or (key == "warmup_backend_url" and value):
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            return "must be an http:// or https:// URL with a host"
-        try:
-            parts.port  # noqa: B018 - reading it validates it
-        except ValueError:
-            return "has an invalid port"
-        if parts.query or parts.fragment:
-            return "must not have a query or fragment"
+        problem = _url_problem(value)
+        if problem:
+            return problem
+    if key == "backends":
+        return _backends_problem(value)
     positive = key.endswith(("_timeout", "_bytes")) or key == "warmup_check_interval"
     if positive and key != "variant_budget_bytes" and value <= 0:
         return "must be greater than 0"
@@ -75,11 +72,56 @@ def _problem(key, value):
     return None
 
 
+def _url_problem(value):
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    try:
+        parts.port  # noqa: B018 - reading it validates it
+    except ValueError:
+        return "has an invalid port"
+    if parts.query or parts.fragment:
+        return "must not have a query or fragment"
+    return None
+
+
+# What an entry of backends may hold besides its url, and the type of each.
+BACKEND_KEYS = {"name": str, "backend_api_key": str, "slot_save_path": str}
+
+
+def _backends_problem(value):
+    """What is wrong with a list of backends (each a URL or {"url": ..., ...}), or None."""
+    for index, item in enumerate(value):
+        where = f"entry {index}"
+        if isinstance(item, str):
+            item = {"url": item}
+        if not isinstance(item, dict) or not isinstance(item.get("url"), str):
+            return f"{where} must be a URL, or an object with a url"
+        problem = _url_problem(item["url"])
+        if problem:
+            return f"{where}: url {problem}"
+        for name, got in item.items():
+            if name != "url" and name not in BACKEND_KEYS:
+                known = ", ".join(["url", *BACKEND_KEYS])
+                return f"{where}: unknown key {name!r} (known: {known})"
+            if name != "url" and not isinstance(got, BACKEND_KEYS[name]):
+                return f"{where}: {name} must be a string"
+        name = item.get("name")
+        if name is not None and not NAME.fullmatch(name):
+            return f"{where}: name must be 1 to 64 letters, digits or . _ - : [ ]"
+    return None
+
+
+# A backend's name goes into a response header and metrics labels: kept to plain ASCII.
+NAME = re.compile(r"[A-Za-z0-9._:\[\]-]{1,64}")
+
+
 def _describe(kind):
     return {
         int: "an integer",
         float: "a number",
         str: "a string",
         dict: "a JSON object",
+        list: "a JSON array",
         bool: "true or false",
     }[kind]

@@ -112,6 +112,7 @@ class Warmer:
                 if self.catalog[prefix].template is not None:
                     warmth.mark_restarted()
         self.backend_was_down = False
+        backend.failures = 0
         backend.scheduler.update_foreign(released)  # also serves the queue if slots were added
         now = time.monotonic()
         for prefix, warmth in backend.warmth.items():
@@ -131,10 +132,8 @@ class Warmer:
             self.pool.join()
 
     def reload(self):
-        """Read the templates again: one whose text is new is stale here."""
-        for prefix in self.catalog.reload():
-            self.backend.warmth[prefix].mark_stale()
-            self.backend.variants.prune()  # its variants of the text before
+        """Read the templates again: one whose text is new is stale (on every backend)."""
+        self.backend.reload_templates()
 
     def due_now(self, prefix):
         warmth = self.backend.warmth[prefix]

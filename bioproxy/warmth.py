@@ -31,6 +31,7 @@ class Warmth:
         self.state = State.PENDING
         self.tokens = None  # tokens of the warmed prefix
         self.last_warmup = None  # what /templates shows of the last warmup or restore
+        self.evaluation_seconds = None  # what its last whole evaluation here took
         self.forced = False  # evaluate again even though a saved file exists
         # An evaluation that gave way: (slot, digest, characters done), to resume from.
         self.partial = None

@@ -243,6 +243,8 @@ class Warmups:
         }
         if run.resumed is not None:
             last["tokens_resumed"] = run.resumed  # reused from the warmup that gave way
+        else:
+            warmth.evaluation_seconds = seconds  # what routing weighs an evaluation at
         # Saved under its own digest, so usable if the file goes back to it; but if the
         # file changed meanwhile, the template is not warm: the new text is warmed next.
         warmth.mark_warm(tokens, last, current=run.entry.is_current(run.template))

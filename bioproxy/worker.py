@@ -88,22 +88,24 @@ def start(worker):
     # The greenlet that watches the templates and keeps them warm, stopped as soon as the
     # worker is told to go (SIGTERM, or a reload): it must not start work it cannot
     # finish, nor overlap with the next worker's warmups.
-    warmer = state.backend.warmer
-    warmer.start()
+    for backend in state.pool:
+        backend.start()
 
-    def stop_warmer_when_told():
+    def stop_warmers_when_told():
         while worker.alive:
             gevent.sleep(0.2)
-        warmer.stop()
+        for backend in state.pool:
+            backend.stop()
 
-    gevent.spawn(stop_warmer_when_told)
+    gevent.spawn(stop_warmers_when_told)
 
 
 def stop(worker):
-    """After the last request: stop the warmer (if not yet), close llama.cpp connections."""
+    """After the last request: stop the warmers (if not yet), close llama.cpp connections."""
     app = getattr(worker, "wsgi", None)
     if app is not None:
-        app.extensions["bioproxy"].backend.close()
+        for backend in app.extensions["bioproxy"].pool:
+            backend.close()
 
 
 def check_setup(server):

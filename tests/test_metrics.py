@@ -130,7 +130,9 @@ def test_a_stream_records_its_time_to_first_token_and_is_logged(client, admin, c
     first = samples(admin)
     assert first[("bioproxy_time_to_first_token_seconds_count", (("template", ""),))] == 1
     (line,) = [r.getMessage() for r in caplog.records if r.name == "bioproxy.access"]
-    assert re.fullmatch(r"\S+ POST /completion 200 [\d.]+ms template=- cache=-", line), line
+    assert re.fullmatch(
+        r"\S+ POST /completion 200 [\d.]+ms template=- cache=- backend=\S+", line
+    ), line
 
 
 def test_recent_first_tokens_are_grouped_in_buckets_of_the_last_minutes():

@@ -831,7 +831,10 @@ def test_the_slot_of_a_warmup_that_gave_way_is_not_shown_holding_its_template(
 
     shown = admin.get("/status").get_json()["slots"][slot]
     assert shown["template"] is None and shown["partial"] == "@code"
-    assert sample(admin, "bioproxy_slots", template="@code", state="idle") == 0
+    assert (
+        sample(admin, "bioproxy_slots", backend=backend(app).name, template="@code", state="idle")
+        == 0
+    )
     warmer(app).check()  # once warm, the slot holds it whole
     shown = admin.get("/status").get_json()["slots"][slot]
     assert shown["template"] == "@code" and shown["partial"] is None
@@ -892,8 +895,11 @@ def test_status_shows_slots_with_their_templates_the_queue_and_pending_warmups(a
     assert [(t["kind"], t["template"]) for t in status["queue"]] == [("request", None)]
     (pending,) = status["warmups"]["pending"]
     assert (pending["template"], pending["state"]) == ("@review", "stale")
-    assert sample(admin, "bioproxy_queue_length") == 1
-    assert sample(admin, "bioproxy_slots", template="@code", state="busy") == 1
+    assert sample(admin, "bioproxy_queue_length", backend=backend(app).name) == 1
+    assert (
+        sample(admin, "bioproxy_slots", backend=backend(app).name, template="@code", state="busy")
+        == 1
+    )
     scheduler.release(running)
     assert waiting.slot == 0
 

@@ -1,0 +1,146 @@
+"""Several llama-servers: which one a request goes to, and what they are doing.
+
+Each backend is a whole unit (backend.py): its slots, queue, saved caches and warmer, so
+every template is warmed on every backend. Routing picks, for each request, the backend
+where its prompt would start soonest, from what bioproxy knows of each now:
+
+- the wait for a slot there: none when one is free, else the average time a user holds a
+  slot there times the users ahead of it, over its slots;
+- then, for a templated request, what it takes to have the template in that slot: nothing
+  where a slot holds it, a restore where its cache is saved (milliseconds), else an
+  evaluation of the template (as long as its last warmup took).
+
+So a templated request goes where its template is warm, and spills over to another
+backend, which restores or evaluates it there, once waiting at the warm ones would cost
+more. Plain requests go where the wait is shortest. Ties go to the backend with the
+fewest users in flight, then in turn. A backend that is down (its last look, or a request
+since, did not reach it) takes nothing while another is up.
+"""
+
+import itertools
+
+from prometheus_client.core import GaugeMetricFamily
+
+# What a restore of a saved cache costs, in seconds, when routing weighs it (tens of
+# milliseconds for a few thousand tokens: docs/BENCHMARKS.md); an evaluation whose time
+# is not known yet is weighed at SECONDS_PER_TOKEN a token of the template, or at
+# UNKNOWN_EVALUATION when its length is not known either.
+RESTORE_SECONDS = 0.1
+SECONDS_PER_TOKEN = 0.002
+UNKNOWN_EVALUATION = 10.0
+# How long a user holds a slot, in seconds, where no request has been seen yet.
+DEFAULT_HOLD = 1.0
+
+
+class Pool:
+    """The backends, in configured order (at least one)."""
+
+    def __init__(self, backends):
+        self.backends = list(backends)
+        self.by_name = {backend.name: backend for backend in self.backends}
+        self.turn = itertools.count()
+        # Whether some backend has an API key of its own (a client's is not passed on).
+        self.keyed = any(backend.upstream.auth for backend in self.backends)
+        for backend in self.backends:
+            backend.siblings = self.backends
+
+    def __iter__(self):
+        return iter(self.backends)
+
+    def __len__(self):
+        return len(self.backends)
+
+    @property
+    def first(self):
+        return self.backends[0]
+
+    def candidates(self):
+        """The backends routing may use: those up, or all of them when none is (the
+        request then fails there with llama.cpp's own error, as with one backend)."""
+        if len(self.backends) == 1:
+            return self.backends
+        up = [backend for backend in self.backends if backend.up()]
+        return up or self.backends
+
+    def route(self, entry=None, template=None, avoid=()):
+        """The backend for a request: templated (entry and its template version) or plain.
+
+        avoid: backends it already failed to reach, tried last.
+        """
+        choices = [b for b in self.candidates() if b not in avoid] or self.candidates()
+        if len(choices) == 1:
+            return choices[0]
+        evaluation = self.evaluation_seconds(entry) if entry is not None else 0.0
+        turn = next(self.turn)
+
+        def cost(pair):
+            index, backend = pair
+            start = wait_seconds(backend)
+            if entry is not None:
+                start += prepare_seconds(backend, entry, template, evaluation)
+            rotation = (index - turn) % len(choices)
+            return (start, backend.gate.users, rotation)
+
+        return min(enumerate(choices), key=cost)[1]
+
+    def evaluation_seconds(self, entry):
+        """What evaluating a template costs, as its warmups on any backend took."""
+        seconds = [b.warmth[entry.prefix].evaluation_seconds for b in self.backends]
+        known = [s for s in seconds if s is not None]
+        if known:
+            return max(known)
+        tokens = [b.warmth[entry.prefix].tokens for b in self.backends]
+        tokens = [t for t in tokens if t]
+        return max(tokens) * SECONDS_PER_TOKEN if tokens else UNKNOWN_EVALUATION
+
+    def describe(self):
+        """Each backend, for /status."""
+        return [backend.summary() for backend in self.backends]
+
+
+def wait_seconds(backend):
+    """How long a user request would wait for a slot there, as far as bioproxy can tell."""
+    scheduler = backend.scheduler
+    if scheduler.free_slots():
+        return 0.0
+    ahead = scheduler.users_waiting() + 1
+    hold = scheduler.hold_seconds or DEFAULT_HOLD
+    return hold * ahead / max(scheduler.slots.count, 1)
+
+
+def prepare_seconds(backend, entry, template, evaluation):
+    """What having the template in a slot there would take: held, saved, or evaluated."""
+    table = backend.slots.table
+    if any(table.whole(slot) == entry.prefix for slot in range(table.count)):
+        return 0.0
+    if template is not None and backend.caches.find(entry.prefix, template) is not None:
+        return RESTORE_SECONDS
+    return evaluation
+
+
+class BackendCollector:
+    """bioproxy_backend_up and bioproxy_backend_templates_warm, read when scraped."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def describe(self):
+        return []  # read when scraped only: nothing to check when registered
+
+    def collect(self):
+        up = GaugeMetricFamily(
+            "bioproxy_backend_up",
+            "1 while bioproxy routes requests to a backend (its last look and requests "
+            "since reached it), 0 while it does not.",
+            labels=["backend"],
+        )
+        warm = GaugeMetricFamily(
+            "bioproxy_backend_templates_warm",
+            "Templates warm on a backend: evaluated or restored there, as bioproxy last saw.",
+            labels=["backend"],
+        )
+        for backend in self.pool:
+            up.add_metric([backend.name], 1 if backend.up() else 0)
+            warm.add_metric([backend.name], backend.warm_count())
+        yield up
+        yield warm
