@@ -15,6 +15,7 @@ from .caches import SavedCaches
 from .evaluator import Evaluator
 from .gate import Gate
 from .hold import Hold
+from .pool import serving
 from .prompts import Prompts
 from .registry import Registry
 from .scheduler import Scheduler
@@ -143,6 +144,11 @@ class Backend:
         self.siblings = [self]
         # Failed requests in a row that did not reach llama-server (refused, timed out).
         self.failures = 0
+        # From its start, and again from a restart found, until its warmer has warmed (or
+        # tried to warm) every template: it takes templated requests only when no backend
+        # that has joined is up (pool.py).
+        self.joining = True
+        self.warm_backends = settings.warm_backends
         self.health_interval = settings.health_check_interval
         self.checker = None  # the greenlet of check_health_forever()
 
@@ -162,9 +168,53 @@ class Backend:
 
     def unreachable(self):
         """A request could not reach llama-server: out of routing until a look does."""
+        was_up = self.up()
         self.failures += 1
         self.slots.table.unreachable()
         self.warmer.wake.set()
+        if was_up:
+            self.left_routing()
+
+    def rejoin(self):
+        """llama-server restarted (or was gone): held out of templated routing again."""
+        if not self.joining:
+            log.warning("backend %s: warming its templates before templated requests", self.name)
+        self.joining = True
+
+    def check_joined(self):
+        """Joined once no template with text waits for its warmup here."""
+        if not self.joining:
+            return
+        waiting = (State.PENDING, State.STALE, State.WARMING)
+        for prefix, warmth in self.warmth.items():
+            if self.catalog[prefix].template is None or not self.serves(prefix):
+                continue
+            if warmth.state in waiting:
+                return
+        self.joining = False
+        if len(self.siblings) > 1:
+            log.info("backend %s is warm: it takes templated requests", self.name)
+
+    def left_routing(self):
+        """Just out of routing. The users waiting for a slot here go to another backend
+        that is up (their requests were not sent; with none up they stay, as with one
+        backend), and the others' warmers look now: one may serve its templates instead."""
+        others = [backend for backend in self.siblings if backend is not self]
+        for backend in others:
+            backend.warmer.wake.set()
+        if not any(backend.up() for backend in others):
+            return
+        moved = self.scheduler.evacuate()
+        if moved:
+            log.warning("backend %s: %d waiting requests sent to another", self.name, moved)
+
+    def serves(self, prefix):
+        """Whether this backend keeps the template warm: always, unless warm_backends
+        names fewer backends than there are (pool.serving says which)."""
+        count = self.warm_backends
+        if not count or count >= len(self.siblings):
+            return True
+        return self in serving(self.siblings, prefix, count)
 
     def open(self):
         """Read what was saved; forget the files of templates no longer configured."""
@@ -263,6 +313,7 @@ class Backend:
         return {
             "prefix": prefix,
             "file": entry.path,
+            "served": self.serves(prefix),
             "state": "broken" if entry.template is None and entry.read else warmth.state.value,
             "error": entry.error,
             "tokens": warmth.tokens,
@@ -284,6 +335,7 @@ class Backend:
             "name": self.name,
             "url": self.upstream.base_url,
             "up": self.up(),
+            "joining": self.joining,
             **self.seen(),
             "slot_count": scheduler.slots.count,
             "slots_busy": scheduler.slots.count - len(scheduler.free_slots()),
@@ -291,6 +343,7 @@ class Backend:
             "users_in_flight": self.gate.users,
             "templates_warm": self.warm_count(),
             "templates": {prefix: w.state.value for prefix, w in self.warmth.items()},
+            "templates_served": [prefix for prefix in self.warmth if self.serves(prefix)],
         }
 
     def seen(self):

@@ -37,6 +37,9 @@ class Settings:
     # With several backends: seconds between looks at each one's /health, so that one
     # that stops answering is out of routing within that time (and back once it answers).
     health_check_interval: float = 2.0
+    # With several backends: on how many each template is kept warm (0: on all). Which
+    # ones is fixed by the template's prefix and the backends' names, among those up.
+    warm_backends: int = 0
     # Limits and timeouts of the proxy.
     max_request_bytes: int = 8 * 1024 * 1024
     # Slow clients: whole seconds to send a request's line and headers (and how long an

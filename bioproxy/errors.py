@@ -116,6 +116,13 @@ class UpstreamUnavailable(UpstreamError):
     unsent = False
 
 
+class BackendOut(UpstreamUnavailable):
+    """A request waited for a slot at a llama-server that went out of routing: nothing was
+    sent, and it goes to another (proxy.tried)."""
+
+    unsent = True
+
+
 class UpstreamTimeout(UpstreamError):
     """llama.cpp sent no response headers within the configured timeout."""
 

@@ -1,8 +1,9 @@
 """Several llama-servers: which one a request goes to, and what they are doing.
 
 Each backend is a whole unit (backend.py): its slots, queue, saved caches and warmer, so
-every template is warmed on every backend. Routing picks, for each request, the backend
-where its prompt would start soonest, from what bioproxy knows of each now:
+every template is warmed on every backend (or on warm_backends of them: serving()).
+Routing picks, for each request, the backend where its prompt would start soonest, from
+what bioproxy knows of each now:
 
 - the wait for a slot there: none when one is free, else the average time a user holds a
   slot there times the users ahead of it, over its slots;
@@ -12,11 +13,13 @@ where its prompt would start soonest, from what bioproxy knows of each now:
 
 So a templated request goes where its template is warm, and spills over to another
 backend, which restores or evaluates it there, once waiting at the warm ones would cost
-more. Plain requests go where the wait is shortest. Ties go to the backend with the
-fewest users in flight, then in turn. A backend that is down (its last look, or a request
-since, did not reach it) takes nothing while another is up.
+more; but not to a backend still joining (warming its templates after it started or
+restarted) while another has joined. Plain requests go where the wait is shortest. Ties
+go to the backend with the fewest users in flight, then in turn. A backend that is down
+(its last look, or a request since, did not reach it) takes nothing while another is up.
 """
 
+import hashlib
 import itertools
 
 from prometheus_client.core import GaugeMetricFamily
@@ -68,6 +71,10 @@ class Pool:
         avoid: backends it already failed to reach, tried last.
         """
         choices = [b for b in self.candidates() if b not in avoid] or self.candidates()
+        if entry is not None:
+            # Not to one still warming its templates after its start or a restart, while
+            # another can take it.
+            choices = [b for b in choices if not b.joining] or choices
         if len(choices) == 1:
             return choices[0]
         evaluation = self.evaluation_seconds(entry) if entry is not None else 0.0
@@ -96,6 +103,18 @@ class Pool:
     def describe(self):
         """Each backend, for /status."""
         return [backend.summary() for backend in self.backends]
+
+
+def serving(backends, prefix, count):
+    """The count backends that keep a template warm (warm_backends): those up that rank
+    first for it. The rank, from a hash of the prefix and each backend's name, is the same
+    in every bioproxy process and after restarts, and spreads templates evenly; when one
+    goes out, the next in rank takes its place, and gives it back when it returns."""
+
+    def rank(backend):
+        return hashlib.sha256(f"{prefix}\n{backend.name}".encode()).digest()
+
+    return sorted((b for b in backends if b.up()), key=rank)[:count]
 
 
 def wait_seconds(backend):

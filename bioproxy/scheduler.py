@@ -30,11 +30,22 @@ import itertools
 import math
 import time
 
-from .errors import QueueFull, QueueTimeout
+from .errors import BackendOut, QueueFull, QueueTimeout
 from .slot_table import template_of
-from .ticket import FULL, GONE, GRANTED, QUEUED, TIMEOUT, USER, WARMUP, Outcome, Ticket
+from .ticket import FULL, GONE, GRANTED, MOVED, QUEUED, TIMEOUT, USER, WARMUP, Outcome, Ticket
 
-__all__ = ["FULL", "GONE", "GRANTED", "QUEUED", "TIMEOUT", "USER", "WARMUP", "Outcome", "Ticket"]
+__all__ = [
+    "FULL",
+    "GONE",
+    "GRANTED",
+    "MOVED",
+    "QUEUED",
+    "TIMEOUT",
+    "USER",
+    "WARMUP",
+    "Outcome",
+    "Ticket",
+]
 
 # How long a templated request waits for the busy slot that holds its template rather
 # than evict another template from a free one: the moment between an answer's last byte
@@ -128,6 +139,14 @@ class Scheduler:
         self.queue.remove(ticket)
         self._finish(ticket, outcome)
         self._update_gauges()
+
+    def evacuate(self):
+        """Send every waiting user request away (its llama-server went out of routing, and
+        another can serve it); warmups stay, for when it is back. How many left."""
+        moved = [t for t in self.queue if t.priority == USER]
+        for ticket in moved:
+            self.leave(ticket, MOVED)
+        return len(moved)
 
     def expire(self):
         """Refuse every user request that has waited longer than max_wait."""
@@ -303,7 +322,8 @@ class Scheduler:
     def acquire(self, ticket):
         """Wait for the ticket's slot and return it.
 
-        Raises QueueFull or QueueTimeout for a user request that cannot have one. Warmups
+        Raises QueueFull or QueueTimeout for a user request that cannot have one, and
+        BackendOut for one sent away to another llama-server (evacuate()). Warmups
         wait as long as it takes. An exception raised into the wait (the request's
         ClientWatch raises ClientGone when its client leaves) takes the ticket out of the
         queue. The caller must release() the ticket once done with the slot.
@@ -330,6 +350,10 @@ class Scheduler:
             raise
         if ticket.outcome == GRANTED:
             return ticket.slot
+        if ticket.outcome == MOVED:
+            raise BackendOut(
+                f"llama-server {self.name} went out of routing while the request waited"
+            )
         if ticket.outcome == FULL:
             raise QueueFull(
                 f"all {self.slots.count} llama-server slots are busy and "

@@ -2,6 +2,7 @@
 
 QUEUED --grant--> GRANTED --release--> RELEASED
 QUEUED --finish--> FULL | TIMEOUT | GONE     (refused, waited too long, left)
+QUEUED --finish--> MOVED                     (its llama-server went out of routing)
 """
 
 import enum
@@ -17,12 +18,13 @@ class Outcome(str, enum.Enum):
     FULL = "full"
     TIMEOUT = "timeout"
     GONE = "gone"
+    MOVED = "moved"
     RELEASED = "released"
 
 
-QUEUED, GRANTED, FULL, TIMEOUT, GONE, RELEASED = Outcome
+QUEUED, GRANTED, FULL, TIMEOUT, GONE, MOVED, RELEASED = Outcome
 # The outcomes each outcome may move to.
-MOVES = {QUEUED: {GRANTED, FULL, TIMEOUT, GONE}, GRANTED: {RELEASED}}
+MOVES = {QUEUED: {GRANTED, FULL, TIMEOUT, GONE, MOVED}, GRANTED: {RELEASED}}
 
 
 class Ticket:
@@ -51,7 +53,7 @@ class Ticket:
         self.event.set()
 
     def finish(self, outcome):
-        """Out of the queue without a slot: FULL, TIMEOUT or GONE."""
+        """Out of the queue without a slot: FULL, TIMEOUT, GONE or MOVED."""
         self._move(outcome)
         self.event.set()
 

@@ -59,7 +59,13 @@ def _problem(key, value):
     positive = key.endswith(("_timeout", "_bytes")) or key == "warmup_check_interval"
     if positive and key != "variant_budget_bytes" and value <= 0:
         return "must be greater than 0"
-    if key in ("queue_max_length", "variant_budget_bytes", "warmup_backend_pid") and value < 0:
+    zero_or_more = (
+        "queue_max_length",
+        "variant_budget_bytes",
+        "warmup_backend_pid",
+        "warm_backends",
+    )
+    if key in zero_or_more and value < 0:
         return "must be 0 or more"
     if key in ("warmup_concurrency", "warmup_piece_chars") and value < 1:
         return "must be 1 or more"

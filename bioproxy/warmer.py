@@ -104,10 +104,12 @@ class Warmer:
         except BackendError as e:
             if not self.backend_was_down:
                 log.warning("llama-server is not ready, warmups wait: %s", e)
+                backend.left_routing()
             self.backend_was_down = True
             return
         if restarted or self.backend_was_down:
             log.warning("llama-server restarted or changed model: making templates warm again")
+            backend.rejoin()
             for prefix, warmth in backend.warmth.items():
                 if self.catalog[prefix].template is not None:
                     warmth.mark_restarted()
@@ -118,6 +120,8 @@ class Warmer:
         for prefix, warmth in backend.warmth.items():
             if self.catalog[prefix].template is None or not warmth.due(now):
                 continue
+            if not backend.serves(prefix):
+                continue  # warm on other backends (warm_backends)
             if prefix in self.warming:
                 continue
             if self.pool.full() and not wait:
@@ -128,6 +132,7 @@ class Warmer:
                 break
             self.warming.add(prefix)
             self.pool.spawn(self.warm_logged, prefix)
+        backend.check_joined()
         if wait:
             self.pool.join()
 
@@ -149,6 +154,7 @@ class Warmer:
             self.warming.discard(prefix)
             if self.backend.warmth[prefix].state == State.STALE:
                 self.wake.set()  # edited while it was warmed: the new text now
+            self.backend.check_joined()
 
     def describe(self):
         """The evaluations under way and the templates waiting for a warmup, for /status."""

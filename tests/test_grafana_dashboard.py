@@ -17,6 +17,9 @@ REQUIRED = (
     "bioproxy_queue_length",
     "bioproxy_warmups_total",
     "bioproxy_upstream_errors_total",
+    "bioproxy_backend_up",
+    "bioproxy_backend_templates_warm",
+    "bioproxy_backend_requests_total",
 )
 
 
@@ -140,6 +143,24 @@ def test_rates_use_the_rate_interval_and_only_counters(dashboard):
 def test_the_panels_cover_the_issues_topics(dashboard):
     used = {name for expr in exprs(dashboard) for name in METRIC.findall(expr)}
     assert set(REQUIRED) - used == set()
+
+
+def test_a_row_shows_each_backend_apart(dashboard):
+    panels = dashboard["panels"]
+    (start,) = [i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Backends"]
+    below = []
+    for panel in panels[start + 1 :]:
+        if panel["type"] == "row":
+            break
+        below.append(panel)
+    shown = {name for p in below for t in p["targets"] for name in METRIC.findall(t["expr"])}
+    assert {"bioproxy_backend_up", "bioproxy_queue_length", "bioproxy_slots"} <= shown
+    for panel in below:
+        for target in panel["targets"]:
+            # One series a backend: summed by it, or a gauge that has only that label.
+            expr = target["expr"]
+            assert "by (backend)" in expr or re.fullmatch(r"bioproxy_backend_[a-z_]+", expr)
+            assert "{{backend}}" in target["legendFormat"], panel["title"]
 
 
 def test_a_made_up_metric_is_reported(families):

@@ -2,6 +2,8 @@
 
 import json
 
+import gevent
+import gevent.event
 import pytest
 import requests
 import responses
@@ -9,6 +11,7 @@ import urllib3
 
 from bioproxy import config
 from bioproxy.config import ConfigError
+from bioproxy.pool import serving
 from bioproxy.scheduler import USER, Ticket
 from tests.conftest import ADMIN_BASE, BACKEND
 from tests.fake_llama import FakeLlama
@@ -249,3 +252,114 @@ def test_status_and_health_show_each_backend(app):
         ("one", "warm"),
         ("two", "stale"),
     ]
+
+
+def test_requests_waiting_at_a_backend_that_goes_out_go_to_another(app, llamas):
+    one, two = pool(app)
+    for backend in (one, two):
+        backend.warmer.check()
+    held = {b: [Ticket(USER) for _ in range(2)] for b in (one, two)}
+    for backend, tickets in held.items():
+        for ticket in tickets:
+            backend.scheduler.acquire(ticket)
+    two.scheduler.hold_seconds = 30.0  # so routing would rather wait at one
+    body = {"messages": [{"role": "user", "content": "Hello"}]}
+    waiting = gevent.spawn(app.test_client().post, "/v1/chat/completions", json=body)
+    gevent.sleep(0.05)
+    assert len(one.scheduler.queue) == 1  # waiting there
+
+    one.unreachable()  # its health check, or another request, found it gone
+    gevent.sleep(0.05)
+    assert one.scheduler.queue == [] and len(two.scheduler.queue) == 1
+    two.scheduler.release(held[two][0])
+
+    answer = waiting.get(timeout=5)
+    assert answer.status_code == 200, answer.get_data()
+    assert answer.headers["X-Bioproxy-Backend"] == "two"
+    assert llamas[0].chats == [] and len(llamas[1].chats) == 1
+    assert held[one][0].outcome == "granted"  # what runs there is left to end
+
+
+def test_waiting_requests_stay_when_no_other_backend_is_up(app):
+    one, two = pool(app)
+    for backend in (one, two):
+        backend.warmer.check()
+    for ticket in [Ticket(USER) for _ in range(2)]:
+        one.scheduler.acquire(ticket)
+    waiting = one.scheduler.submit(Ticket(USER))
+    two.unreachable()
+    one.unreachable()
+    assert waiting.outcome == "queued" and one.scheduler.queue == [waiting]
+
+
+def test_a_backend_warming_after_its_start_takes_no_templated_requests(app, llamas):
+    one, two = pool(app)
+    two.warmer.check()
+    one.slots.refresh()  # up, its warmer not done yet: both templates still to warm
+    assert one.joining and not two.joining
+    entry = app.extensions["bioproxy"].catalog["@code"]
+    for ticket in [Ticket(USER) for _ in range(2)]:
+        two.scheduler.submit(ticket)
+    two.scheduler.hold_seconds = 60.0  # a spill-over would pay, but one is not warm yet
+    assert pool(app).route(entry, entry.template).name == "two"
+    assert pool(app).route().name == "one"  # plain requests go there at once
+
+    one.warmer.check()
+    assert not one.joining
+    assert pool(app).route(entry, entry.template).name == "one"
+
+
+def test_a_restarted_backend_is_warmed_again_before_templated_requests(app, llamas):
+    one, two = pool(app)
+    for backend in (one, two):
+        backend.warmer.check()
+    entry = app.extensions["bioproxy"].catalog["@code"]
+    restoring = gevent.event.Event()
+    llamas[0].restart()
+    llamas[0].on_action = lambda action, slot, filename: restoring.wait(5)
+    checking = gevent.spawn(one.warmer.check)
+    gevent.sleep(0.05)
+    assert one.joining  # found restarted, its templates being restored
+    assert {pool(app).route(entry, entry.template).name for _ in range(4)} == {"two"}
+    restoring.set()
+    checking.join(timeout=5)
+    assert not one.joining and one.warmth["@code"].state == "warm"
+    assert {pool(app).route(entry, entry.template).name for _ in range(4)} == {"one", "two"}
+
+
+def test_warm_backends_keeps_each_template_warm_on_that_many(make_app, isolated_config, llamas):
+    folder = templates_folder(isolated_config)
+    app = make_app(
+        backends=[
+            {"url": BACKEND, "name": "one", "slot_save_path": str(folder / "slots")},
+            {"url": OTHER, "name": "two", "slot_save_path": str(folder / "slots")},
+        ],
+        prefixes={"@code": "code.txt", "@review": "review.txt"},
+        warm_backends=1,
+    )
+    one, two = pool(app)
+    for backend in (one, two):
+        backend.slots.refresh()
+        backend.failures = 0
+    for backend in (one, two):
+        backend.warmer.check()
+    for prefix in ("@code", "@review"):
+        warm = [b.name for b in (one, two) if b.warmth[prefix].state == "warm"]
+        (server,) = serving([one, two], prefix, 1)
+        assert warm == [server.name], prefix
+        assert [b.serves(prefix) for b in (one, two)] == [server is one, server is two]
+    assert not one.joining and not two.joining  # each warmed what it serves
+
+    # The backend that serves @code goes out: the other takes it over and warms it.
+    (server,) = serving([one, two], "@code", 1)
+    other = two if server is one else one
+    other.warmer.wake.clear()
+    server.unreachable()
+    assert other.warmer.wake.is_set()
+    other.warmer.check()
+    assert other.warmth["@code"].state == "warm"
+
+
+def test_warm_backends_is_a_count(isolated_config):
+    with pytest.raises(ConfigError, match="warm_backends must be 0 or more"):
+        config.load({"warm_backends": -1})

@@ -2,6 +2,8 @@
 
 import contextlib
 import os
+import signal
+import threading
 
 import requests
 
@@ -40,7 +42,7 @@ def warm_on(proxy, *names):
 
 
 @contextlib.contextmanager
-def three_backends(tmp_path):
+def three_backends(tmp_path, **settings):
     """Three llama-servers of one slot each, and a bioproxy before them, all warm."""
     with contextlib.ExitStack() as stack:
         llamas = {}
@@ -53,7 +55,7 @@ def three_backends(tmp_path):
             {"url": llamas[name].url, "name": name, "slot_save_path": llamas[name].slot_save_path}
             for name in NAMES
         ]
-        proxy = stack.enter_context(Bioproxy(None, work, config))
+        proxy = stack.enter_context(Bioproxy(None, work, config, **settings))
         wait_until(
             lambda: warm_on(proxy, *NAMES),
             timeout=300,
@@ -134,3 +136,50 @@ def test_a_stream_from_a_backend_that_dies_ends_in_an_error_not_a_clean_end(tmp_
         # Cut as llama-server's connection was: never a clean end that looks complete.
         assert rest is None, rest[-200:]
         assert proxy.metric("bioproxy_upstream_errors_total", kind="upstream_cut") == 1
+
+
+def test_requests_waiting_at_a_hung_backend_go_to_the_others(tmp_path):
+    with three_backends(tmp_path, health_timeout=1.0) as (proxy, llamas):
+        url = proxy.proxy_url + "/v1/chat/completions"
+        body = {
+            "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "max_tokens": 150,
+            "stream": True,
+            "temperature": 0,
+        }
+        # One long stream in each backend's only slot.
+        streams = [requests.post(url, json=body, stream=True, timeout=60) for _ in NAMES]
+        holders = [answer.headers["X-Bioproxy-Backend"] for answer in streams]
+        assert sorted(holders) == sorted(NAMES)
+        hung = holders[0]
+        os.kill(llamas[hung].process.pid, signal.SIGSTOP)
+        try:
+            # Three more users: each backend's queue gets one (equal waits, in turn).
+            answers = {}
+
+            def user(i):
+                answers[i] = requests.post(
+                    url, json={**body, "stream": False, "max_tokens": 4}, timeout=60
+                )
+
+            users = [threading.Thread(target=user, args=(i,)) for i in range(3)]
+            for thread in users:
+                thread.start()
+            readers = [
+                threading.Thread(target=lambda a=answer: b"".join(a.iter_content(None)))
+                for answer in streams[1:]
+            ]
+            for thread in readers:
+                thread.start()
+            wait_until(lambda: not states(proxy)[hung]["up"], timeout=10, what="hung one out")
+            for thread in users:
+                thread.join(60)
+            assert sorted(answers) == [0, 1, 2]
+            assert [a.status_code for a in answers.values()] == [200] * 3
+            served = [a.headers["X-Bioproxy-Backend"] for a in answers.values()]
+            assert hung not in served, served
+            assert "waiting requests sent to another" in proxy.log()
+        finally:
+            os.kill(llamas[hung].process.pid, signal.SIGCONT)
+            for answer in streams:
+                answer.close()

@@ -106,6 +106,14 @@ return {
     sections: Object.fromEntries(
         ["slots", "queue", "warmups"].map((id) => [id, node(id).innerText]),
     ),
+    backends: shown("backends-section")
+        ? Object.fromEntries(
+              Array.from(document.querySelectorAll("#backends tbody tr"), (row) => [
+                  row.dataset.backend,
+                  row.innerText,
+              ]),
+          )
+        : null,
     ttft_chart: shown("ttft-chart"),
     ttft_empty: shown("ttft-empty") ? node("ttft-empty").textContent : null,
     text: document.body.innerText,
@@ -232,6 +240,34 @@ def test_page_shows_what_it_last_saw_of_a_llama_server_that_went_down(browser, t
             assert console_problems(browser) == []
         finally:
             server.stop()
+
+
+def test_page_shows_each_backend_when_there_are_several(browser, tmp_path):
+    shutil.copytree(EXAMPLES / "templates", tmp_path / "templates")
+    closed = f"http://127.0.0.1:{free_port()}"
+    with start_llama(tmp_path / "llama") as llama:
+        config = {
+            "prefixes": {"@code": "templates/code.txt", "@review": "templates/review.txt"},
+            "warmup_check_interval": 0.5,
+            "backends": [
+                {"url": llama.url, "name": "real", "slot_save_path": llama.slot_save_path},
+                {"url": closed, "name": "gone"},
+            ],
+        }
+        with Bioproxy(None, str(tmp_path), config, health_timeout=1.0) as server:
+            # The top level of /templates is the first backend's: "real".
+            wait_until(server.all_warm, what="templates warm on real", describe=server.templates)
+            page = open_page(browser, server)
+            assert page["backends"] is not None, "no Backends section"
+            assert set(page["backends"]) == {"real", "gone"}
+            assert "up" in page["backends"]["real"] and llama.url in page["backends"]["real"]
+            assert "2 / 2" in page["backends"]["real"]  # both templates warm there
+            assert "out" in page["backends"]["gone"] and "0 / 2" in page["backends"]["gone"]
+            assert console_problems(browser) == []
+
+
+def test_one_backend_shows_no_backends_section(browser, server):
+    assert open_page(browser, server)["backends"] is None
 
 
 def test_llama_server_s_chat_page_through_bioproxy_answers_a_templated_message_warm(
