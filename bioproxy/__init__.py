@@ -61,7 +61,11 @@ def create_app(overrides=None):
     app = Bioproxy(__name__, host_matching=True, static_folder=None)
     metrics = Metrics(app)
     catalog = Catalog(
-        settings.prefixes, paths.base_dir, paths.template_root, settings.max_template_bytes, metrics
+        settings.templates(),
+        paths.base_dir,
+        paths.template_root,
+        settings.max_template_bytes,
+        metrics,
     )
     pool = Pool(Backend(settings, spec, catalog, metrics) for spec in settings.backends_list())
     metrics.registry.register(BackendCollector(pool))

@@ -86,7 +86,8 @@ def status_page():
 def health():
     """bioproxy's status: 200 when llama.cpp answers, 503 while it is down or loading.
 
-    With several backends, 200 while one of them answers ("degraded" unless all do). With
+    With several backends, 200 while one of them answers ("degraded" unless all do; a
+    router's model it unloaded counts as answering: "unloaded"). With
     ?always_200 the answer is 200 whatever llama.cpp's state, for the status page:
     browsers log every 5xx answer to a fetch() as an error in their console.
     """
@@ -97,9 +98,12 @@ def health():
     for backend, look in zip(pool, looks, strict=True):
         status, detail = look.value
         backends.append({"name": backend.name, "url": backend.upstream.base_url, "status": status})
+        if backend.model is not None:
+            backends[-1]["model"] = backend.model
         if detail:
             backends[-1]["detail"] = detail
-    answering = [b for b in backends if b["status"] == "ok"]
+    # A router's model that it unloaded: the router answers, and loads it when asked.
+    answering = [b for b in backends if b["status"] in ("ok", "unloaded")]
     body = {
         "status": "ok" if len(answering) == len(backends) else "degraded",
         "uptime_seconds": round(time.monotonic() - get_state().started, 3),

@@ -28,6 +28,9 @@ from .warmth import State, Warmth
 
 log = logging.getLogger(__name__)
 
+# A router's model states that hold a server of its own (and count against --models-max).
+RUNNING = ("loading", "loaded", "sleeping")
+
 
 def get_backend():
     """The first llama-server (the only one with backend_url)."""
@@ -90,14 +93,16 @@ class Slots:
         self.table.forget(slot)
 
 
-def upstream(settings, url, api_key):
-    """A llama-server at url, with the settings' timeouts and that llama-server's API key."""
+def upstream(settings, url, api_key, model=None):
+    """A llama-server at url, with the settings' timeouts and that llama-server's API key
+    (and the model, of a router's)."""
     return Upstream(
         url,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.upstream_timeout,
         health_timeout=settings.health_timeout,
         api_key=api_key,
+        model=model,
     )
 
 
@@ -107,7 +112,8 @@ class Backend:
 
     def __init__(self, settings, spec, catalog, metrics):
         self.name = spec.name
-        self.upstream = upstream(settings, spec.url, spec.api_key)
+        self.model = spec.model  # of a router's models, or None
+        self.upstream = upstream(settings, spec.url, spec.api_key, spec.model)
         self.metrics = metrics
         self.catalog = catalog
         self.slots = Slots(SlotTable(), SlotApi(self.upstream, settings.slot_timeout))
@@ -148,8 +154,14 @@ class Backend:
         # tried to warm) every template: it takes templated requests only when no backend
         # that has joined is up (pool.py).
         self.joining = True
+        # Where llama-server clears idle slots: whether its RAM cache (--cache-ram) has held
+        # every template a request looked for there. Until one is found missing, requests
+        # are left to it rather than restored from disk first (templated.py).
+        self.ram_cache_holds = True
         self.warm_backends = settings.warm_backends
         self.health_interval = settings.health_check_interval
+        self.health_timeout = settings.health_timeout
+        self.told_missing = None  # the router's models when the log last said ours is not
         self.checker = None  # the greenlet of check_health_forever()
 
     def reload_templates(self):
@@ -175,8 +187,61 @@ class Backend:
         if was_up:
             self.left_routing()
 
+    def load_if_room(self):
+        """A router's model it does not run now: have it loaded if the router has room for
+        it without unloading another (its /props' max_instances), and if a template is to
+        be warm here. Its warmer warms them once it runs; the router may unload it again."""
+        if self.model is None or not any(
+            self.serves(entry.prefix) for entry in self.catalog if entry.template is not None
+        ):
+            return
+        api, timeout = self.upstream, self.health_timeout
+        try:
+            limit = api.call("GET", "/props", timeout=timeout, routed=False).get("max_instances")
+            models = api.call("GET", "/models", timeout=timeout, routed=False)["data"]
+        except (BackendError, AttributeError, KeyError, TypeError) as e:
+            log.warning("backend %s: cannot read the router's models: %s", self.name, e)
+            return
+        states = {m.get("id"): m.get("status", {}).get("value") for m in models}
+        for m in models:
+            states.update(dict.fromkeys(m.get("aliases") or [], states[m.get("id")]))
+        running = sum(1 for m in models if m.get("status", {}).get("value") in RUNNING)
+        if self.model not in states:
+            if self.told_missing != sorted(states):
+                self.told_missing = sorted(states)
+                log.error(
+                    "backend %s: the router serves no model %s (it serves: %s)",
+                    self.name,
+                    self.model,
+                    ", ".join(sorted(states)) or "none",
+                )
+            return
+        if states[self.model] in RUNNING or (limit and running >= limit):
+            return  # loading already, or no room: loaded by a user's request, if ever
+        log.info("backend %s: asking the router to load the model, to warm it", self.name)
+        try:
+            api.call("POST", "/models/load", {"model": self.model}, timeout, routed=False)
+        except BackendError as e:
+            log.warning("backend %s: the router did not load it: %s", self.name, e)
+
+    def ram_cache_missed(self, prefix, reused, tokens):
+        """A request left to llama-server's own cache found its template missing there."""
+        if not self.slots.table.cleared or not self.ram_cache_holds:
+            return
+        self.ram_cache_holds = False
+        log.warning(
+            "backend %s: llama-server's RAM cache did not hold %s (it reused %s of its %s "
+            "tokens): templated requests restore its saved cache first from now on (a "
+            "larger --cache-ram would hold them)",
+            self.name,
+            prefix,
+            reused,
+            tokens,
+        )
+
     def rejoin(self):
         """llama-server restarted (or was gone): held out of templated routing again."""
+        self.ram_cache_holds = True  # a new server, perhaps with another --cache-ram
         if not self.joining:
             log.warning("backend %s: warming its templates before templated requests", self.name)
         self.joining = True
@@ -202,19 +267,24 @@ class Backend:
         others = [backend for backend in self.siblings if backend is not self]
         for backend in others:
             backend.warmer.wake.set()
-        if not any(backend.up() for backend in others):
-            return
+        if not any(backend.up() and backend.model == self.model for backend in others):
+            return  # none serves its model
         moved = self.scheduler.evacuate()
         if moved:
             log.warning("backend %s: %d waiting requests sent to another", self.name, moved)
 
     def serves(self, prefix):
-        """Whether this backend keeps the template warm: always, unless warm_backends
-        names fewer backends than there are (pool.serving says which)."""
+        """Whether this backend keeps the template warm: unless it is a router's unit of
+        another model than the template names, always, or when warm_backends names fewer
+        backends than serve the model, if pool.serving picks it."""
+        model = self.catalog[prefix].model
+        if model is not None and self.model is not None and model != self.model:
+            return False
         count = self.warm_backends
-        if not count or count >= len(self.siblings):
+        if not count:
             return True
-        return self in serving(self.siblings, prefix, count)
+        siblings = [b for b in self.siblings if model is None or b.model in (None, model)]
+        return count >= len(siblings) or self in serving(siblings, prefix, count)
 
     def open(self):
         """Read what was saved; forget the files of templates no longer configured."""
@@ -314,7 +384,7 @@ class Backend:
             "prefix": prefix,
             "file": entry.path,
             "served": self.serves(prefix),
-            "state": "broken" if entry.template is None and entry.read else warmth.state.value,
+            "state": "broken" if entry.template is None and entry.read else self.state_of(prefix),
             "error": entry.error,
             "tokens": warmth.tokens,
             "digest": entry.digest,
@@ -323,6 +393,14 @@ class Backend:
             "requests": dict(warmth.requests),
             "variants": self.variants.describe(prefix),
         }
+
+    def state_of(self, prefix):
+        """A template's state here; "unserved" if this backend does not keep it warm (and
+        does not hold it warm anyway)."""
+        state = self.warmth[prefix].state
+        if state != State.WARM and not self.serves(prefix):
+            return "unserved"
+        return state.value
 
     def warm_count(self):
         """How many templates are warm here, as bioproxy last saw."""
@@ -334,6 +412,7 @@ class Backend:
         return {
             "name": self.name,
             "url": self.upstream.base_url,
+            "model": self.model,
             "up": self.up(),
             "joining": self.joining,
             **self.seen(),
@@ -342,7 +421,7 @@ class Backend:
             "queue": scheduler.users_waiting(),
             "users_in_flight": self.gate.users,
             "templates_warm": self.warm_count(),
-            "templates": {prefix: w.state.value for prefix, w in self.warmth.items()},
+            "templates": {prefix: self.state_of(prefix) for prefix in self.warmth},
             "templates_served": [prefix for prefix in self.warmth if self.serves(prefix)],
         }
 

@@ -24,7 +24,10 @@ def banner(settings, chat_page=False):
         f"  Warmup interval:    {settings.warmup_check_interval:g} s",
         f"  Templates:          {len(settings.prefixes)}",
     ]
-    lines += [f"    {prefix} -> {path}" for prefix, path in sorted(settings.prefixes.items())]
+    lines += [
+        f"    {prefix} -> {path}" + (f" (model {model})" if model else "")
+        for prefix, (path, model) in sorted(settings.templates().items())
+    ]
     lines += [
         "",
         "✅ Proxy server is running!",

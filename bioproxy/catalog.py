@@ -14,9 +14,10 @@ log = logging.getLogger(__name__)
 class Entry:
     """One configured prefix and its template as last read (None while broken)."""
 
-    def __init__(self, prefix, path):
+    def __init__(self, prefix, path, model=None):
         self.prefix = prefix
         self.path = path  # as configured
+        self.model = model  # the model it is for, or None for any
         self.template = None
         self.error = None  # why it is broken
         self.read = False  # whether it was ever read, well or not
@@ -34,7 +35,10 @@ class Catalog:
     """Every configured template, read again by reload()."""
 
     def __init__(self, prefixes, base_dir, root, max_bytes, metrics):
-        self.entries = {prefix: Entry(prefix, path) for prefix, path in prefixes.items()}
+        """prefixes: {prefix: (file, model)}, as Settings.templates() gives them."""
+        self.entries = {
+            prefix: Entry(prefix, path, model) for prefix, (path, model) in prefixes.items()
+        }
         self.base_dir = base_dir
         self.root = root
         self.max_bytes = max_bytes

@@ -163,7 +163,7 @@ def check_config(environ):
     urls = ", ".join(spec.url for spec in settings.backends_list())
     print(f"proxy {settings.proxy_bind}, admin {settings.admin_bind}, backend {urls}")
     broken = 0
-    for prefix, file in sorted(settings.prefixes.items()):
+    for prefix, (file, _) in sorted(settings.templates().items()):
         try:
             template = templates.load(
                 prefix, file, paths.base_dir, paths.template_root, settings.max_template_bytes

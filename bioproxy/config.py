@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from urllib.parse import urlsplit
 
 from .validation import ConfigError, check, parse_env
@@ -92,6 +93,16 @@ class Settings:
             slot_save_path=resolve_path(self.slot_save_path, base) if self.slot_save_path else None,
         )
 
+    def templates(self):
+        """{prefix: (file, model)}: each prefix's template file as configured, and the
+        model it is for (None: whichever model a llama-server serves)."""
+        return {
+            prefix: (value["file"], value.get("model"))
+            if isinstance(value, dict)
+            else (value, None)
+            for prefix, value in self.prefixes.items()
+        }
+
     def backends_list(self):
         """The llama-servers bioproxy fronts, each a Spec: `backends`, else backend_url.
 
@@ -114,18 +125,25 @@ class Settings:
             item = {"url": item} if isinstance(item, str) else item
             name = item.get("name") or default_name(item["url"])
             folder = item.get("slot_save_path")
-            state_dir = paths.state_dir
-            if len(self.backends) > 1:
-                state_dir = os.path.join(state_dir, "backends", name.replace(":", "_"))
-            specs.append(
-                Spec(
-                    name=name,
-                    url=item["url"],
-                    api_key=item.get("backend_api_key", self.backend_api_key),
-                    slot_save_path=resolve_path(folder, paths.base_dir) if folder else None,
-                    state_dir=state_dir,
+            # A router's models are units of their own, each with its slots and caches.
+            for model in item.get("models") or [None]:
+                specs.append(
+                    Spec(
+                        name=name if model is None else f"{name}/{model}",
+                        url=item["url"],
+                        api_key=item.get("backend_api_key", self.backend_api_key),
+                        slot_save_path=resolve_path(folder, paths.base_dir) if folder else None,
+                        state_dir=paths.state_dir,
+                        model=model,
+                    )
                 )
-            )
+        if len(specs) > 1:
+            specs = [
+                dataclasses.replace(
+                    spec, state_dir=os.path.join(spec.state_dir, "backends", folder_name(spec.name))
+                )
+                for spec in specs
+            ]
         return specs
 
     @property
@@ -154,6 +172,12 @@ class Spec:
     api_key: str
     slot_save_path: str | None
     state_dir: str
+    model: str | None = None  # the model it is of a router's (backends' models), or None
+
+
+def folder_name(name):
+    """A backend's name as a folder's: ":" and a model's "/" and other signs replaced."""
+    return re.sub(r"[^A-Za-z0-9._\[\]-]", "_", name)
 
 
 def default_name(url):
@@ -282,17 +306,18 @@ def check_backends(settings, values):
                 f"{key} and backends are both set: with backends, give each llama-server's "
                 f"url and slot_save_path in its own entry"
             )
-    if len(settings.backends) > 1 and settings.warmup_backend_url:
+    if len(settings.backends_list()) > 1 and settings.warmup_backend_url:
         raise ConfigError(
             "warmup_backend_url works with one backend only: with several, each evaluates "
             "its own warmups"
         )
-    names, urls = set(), set()
+    names, places = set(), set()
     for spec in settings.backends_list():
-        if spec.name in names or spec.url.rstrip("/") in urls:
+        place = (spec.url.rstrip("/"), spec.model)
+        if spec.name in names or place in places:
             raise ConfigError(f"backends: {spec.name} ({spec.url}) is there twice")
         names.add(spec.name)
-        urls.add(spec.url.rstrip("/"))
+        places.add(place)
 
 
 def load_or_running(overrides=None, environ=None):

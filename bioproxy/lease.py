@@ -64,6 +64,8 @@ class Lease:
             warm = _found_warm(reused, tokens)
             if self.cache == "server":
                 self.outcome = "server" if warm else "cold"  # llama-server's own cache
+                if not warm:
+                    self.backend.ram_cache_missed(prefix, reused, tokens)
             elif self.cache != "cold" and not warm:
                 self._missed(warmth, reused, tokens)
         metrics.template_requests.labels(prefix, self.outcome).inc()

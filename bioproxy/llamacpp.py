@@ -126,8 +126,12 @@ class LlamaServer:
         ui=None,
         defaults=False,
         nice=0,
+        models_dir=None,
     ):
         self.host = host
+        # Router mode: no model of its own, one server of its own per model in this folder
+        # (each started with this one's other arguments), loaded when a request names it.
+        self.models_dir = models_dir
         # As users start it (-m, --host, --port and extra_args only): llama.cpp's own
         # defaults for the rest (slots automatic, a unified KV cache, idle slots cleared).
         self.defaults = defaults
@@ -152,10 +156,10 @@ class LlamaServer:
         return f"http://{self.host}:{self.port}"
 
     def command(self):
+        model = ["--models-dir", self.models_dir] if self.models_dir else ["-m", model_path()]
         args = [
             self.binary or binary_path(),
-            "-m",
-            model_path(),
+            *model,
             "--host",
             self.host,
             "--port",

@@ -57,20 +57,32 @@ class Pool:
     def first(self):
         return self.backends[0]
 
-    def candidates(self):
-        """The backends routing may use: those up, or all of them when none is (the
-        request then fails there with llama.cpp's own error, as with one backend)."""
-        if len(self.backends) == 1:
+    def of_model(self, model):
+        """The backends that serve a model: a router's units of that model, and every
+        llama-server not in router mode (it serves the one it was started with, whatever
+        a request names). All of them when none does (llama.cpp then says what is wrong)."""
+        if model is None or all(backend.model is None for backend in self.backends):
             return self.backends
-        up = [backend for backend in self.backends if backend.up()]
-        return up or self.backends
+        serving = [b for b in self.backends if b.model is None or b.model == model]
+        return serving or self.backends
 
-    def route(self, entry=None, template=None, avoid=()):
+    def candidates(self, model=None):
+        """The backends routing may use for a model: those up, or all of them when none is
+        (the request then fails there with llama.cpp's own error, as with one backend)."""
+        backends = self.of_model(model)
+        if len(backends) == 1:
+            return backends
+        up = [backend for backend in backends if backend.up()]
+        return up or backends
+
+    def route(self, entry=None, template=None, avoid=(), model=None):
         """The backend for a request: templated (entry and its template version) or plain.
 
-        avoid: backends it already failed to reach, tried last.
+        avoid: backends it already failed to reach, tried last. model: the model the
+        request names, if any (a router's units serve one each).
         """
-        choices = [b for b in self.candidates() if b not in avoid] or self.candidates()
+        candidates = self.candidates(model)
+        choices = [b for b in candidates if b not in avoid] or candidates
         if entry is not None:
             # Not to one still warming its templates after its start or a restart, while
             # another can take it.

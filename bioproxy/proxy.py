@@ -169,16 +169,17 @@ def forward(path):
             raise
         return templated_response(respond(answer), answer.lease)
 
-    return tried(pool, reuses, serve)
+    return tried(pool, reuses, serve, model=requested_model(parsed, match, state.catalog))
 
 
-def tried(pool, expansion, serve):
+def tried(pool, expansion, serve, model=None):
     """serve(backend) on the backend routing picks; on the next one while a backend cannot
-    be reached at all (nothing was sent there). The response says which one served it."""
+    be reached at all (nothing was sent there). The response says which one served it.
+    model: the model the request names (routed to a router's unit of it)."""
     entry, template = (expansion.entry, expansion.template) if expansion else (None, None)
     failed = []
     while True:
-        backend = pool.route(entry, template, avoid=failed)
+        backend = pool.route(entry, template, avoid=failed, model=model)
         g.backend = backend
         try:
             response = serve(backend)
@@ -187,12 +188,20 @@ def tried(pool, expansion, serve):
                 raise
             backend.unreachable()
             failed.append(backend)
-            if len(failed) == len(pool):
+            if all(b in failed for b in pool.of_model(model)):
                 raise
             log.warning("backend %s unreachable, sending to another: %s", backend.name, e)
             continue
         response.headers["X-Bioproxy-Backend"] = backend.name
         return response
+
+
+def requested_model(body, match, catalog):
+    """The model a request is for: the one its body names, else its template's, if any."""
+    model = body.get("model") if isinstance(body, dict) else None
+    if isinstance(model, str) and model:
+        return model
+    return catalog[match.prefix].model if match is not None else None
 
 
 def templated_response(response, lease):

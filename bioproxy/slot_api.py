@@ -36,6 +36,13 @@ class SlotApi:
     def fetch_slots(self):
         """(GET /props, GET /slots), or BackendError."""
         props = self.upstream.call("GET", "/props", timeout=self.timeout)
+        if isinstance(props, dict) and props.get("role") == "router":
+            # Its own /props: it would answer /slots 400, "model name is missing".
+            raise BackendError(
+                "GET /props",
+                "this llama-server is a router (several models): list the models whose "
+                "templates bioproxy keeps warm in its backends entry's models",
+            )
         slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
         return props, slots
 

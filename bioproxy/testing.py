@@ -81,7 +81,8 @@ def expanded(workdir, text):
         prefixes = json.load(f)["prefixes"]
     if prefix not in prefixes:
         return text
-    return load(prefix, prefixes[prefix], str(workdir), str(workdir), 1 << 20).render(words)
+    path = prefixes[prefix]["file"] if isinstance(prefixes[prefix], dict) else prefixes[prefix]
+    return load(prefix, path, str(workdir), str(workdir), 1 << 20).render(words)
 
 
 def wait_until(check, timeout=120, what="condition", describe=lambda: "", every=0.2):

@@ -40,9 +40,19 @@ class Upstream:
     """
 
     def __init__(
-        self, base_url, connect_timeout, read_timeout, health_timeout, api_key="", pool_size=64
+        self,
+        base_url,
+        connect_timeout,
+        read_timeout,
+        health_timeout,
+        api_key="",
+        pool_size=64,
+        model=None,
     ):
         self.base_url = base_url.rstrip("/")
+        # One model of a llama-server in router mode: named in each of bioproxy's own
+        # calls (see own_call), which the router then passes to that model's server.
+        self.model = model
         # llama-server's own key (its --api-key), sent with every request when set.
         self.auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.connect_timeout = connect_timeout
@@ -91,11 +101,13 @@ class Upstream:
         log.warning("upstream unavailable: %s %s: %s", method, target, _reason(e))
         return UpstreamUnavailable(f"llama.cpp at {self.base_url} is unavailable: {_reason(e)}")
 
-    def open(self, method, path, body=None, timeout=None):
-        """One of bioproxy's own calls, streamed: the response once its headers arrived."""
-        prepared = requests.Request(
-            method, self.base_url + path, json=body, headers=self.auth
-        ).prepare()
+    def open(self, method, path, body=None, timeout=None, routed=True):
+        """One of bioproxy's own calls, streamed: the response once its headers arrived.
+
+        routed: to the model, of a router's (own_call); else to the router itself.
+        """
+        url, body = self.own_call(method, path, body) if routed else (self.base_url + path, body)
+        prepared = requests.Request(method, url, json=body, headers=self.auth).prepare()
         try:
             response = self._send(prepared, timeout or self.read_timeout)
         except requests.RequestException as e:
@@ -106,9 +118,9 @@ class Upstream:
             raise BackendError(f"{method} {path}", reason, response.status_code)
         return response
 
-    def call(self, method, path, body=None, timeout=None):
+    def call(self, method, path, body=None, timeout=None, routed=True):
         """One of bioproxy's own JSON calls: the decoded answer, or BackendError."""
-        with self.open(method, path, body, timeout) as response:
+        with self.open(method, path, body, timeout, routed) as response:
             try:
                 content = response.content
             except requests.RequestException as e:
@@ -118,11 +130,36 @@ class Upstream:
         except ValueError:
             raise BackendError(f"{method} {path}", "the answer is not JSON") from None
 
+    def own_call(self, method, path, body):
+        """The URL and body of one of bioproxy's own calls.
+
+        To a router's model: the model in the query of a GET and in the body of a POST
+        (where the router looks for it), and autoload=false, so that no look or warmup of
+        bioproxy's loads a model the router unloaded (and unloads another for it): it
+        fails instead, as a look at a server that is down does.
+        """
+        if self.model is None:
+            return self.base_url + path, body
+        query = f"autoload=false&model={quote(self.model, safe='')}"
+        url = self.base_url + path + ("&" if "?" in path else "?") + query
+        if method == "GET":
+            return url, body
+        return url, {"model": self.model, **(body or {})}
+
     def health(self):
-        """llama.cpp's state from its /health: ("ok" | "loading" | "down", detail)."""
+        """llama.cpp's state from its /health: ("ok" | "loading" | "down", detail).
+
+        A router answers /health itself, whatever its models do: a model's state is that
+        of its /props there, "unloaded" while the router has not loaded it (400).
+        """
         try:
-            self.call("GET", "/health", timeout=self.health_timeout)
+            if self.model is None:
+                self.call("GET", "/health", timeout=self.health_timeout)
+            else:
+                self.call("GET", "/props", timeout=self.health_timeout)
         except BackendError as e:
+            if self.model is not None and e.status == 400:
+                return "unloaded", e.reason
             return ("loading" if e.status == 503 else "down"), e.reason
         return "ok", None
 

@@ -73,8 +73,24 @@ def _problem(key, value):
         for prefix, template in value.items():
             if not prefix or prefix != prefix.strip() or " " in prefix:
                 return f"has a prefix {prefix!r} that is empty or holds spaces"
-            if not isinstance(template, str) or not template:
-                return f"maps {prefix!r} to {template!r}, which is not a file path"
+            problem = _template_problem(template)
+            if problem:
+                return f"maps {prefix!r} to {template!r}: {problem}"
+    return None
+
+
+def _template_problem(value):
+    """What is wrong with a prefix's template: a file path, or {"file": ..., "model": ...}."""
+    if isinstance(value, dict):
+        unknown = set(value) - {"file", "model"}
+        if unknown:
+            return f"unknown key {sorted(unknown)[0]!r} (known: file, model)"
+        model = value.get("model")
+        if model is not None and (not isinstance(model, str) or not MODEL.fullmatch(model)):
+            return "its model must be a model's name, 1 to 128 characters without spaces"
+        value = value.get("file")
+    if not isinstance(value, str) or not value:
+        return "not a file path (or an object with its file and model)"
     return None
 
 
@@ -92,7 +108,7 @@ def _url_problem(value):
 
 
 # What an entry of backends may hold besides its url, and the type of each.
-BACKEND_KEYS = {"name": str, "backend_api_key": str, "slot_save_path": str}
+BACKEND_KEYS = {"name": str, "backend_api_key": str, "slot_save_path": str, "models": list}
 
 
 def _backends_problem(value):
@@ -111,15 +127,25 @@ def _backends_problem(value):
                 known = ", ".join(["url", *BACKEND_KEYS])
                 return f"{where}: unknown key {name!r} (known: {known})"
             if name != "url" and not isinstance(got, BACKEND_KEYS[name]):
-                return f"{where}: {name} must be a string"
+                return f"{where}: {name} must be {_describe(BACKEND_KEYS[name])}"
         name = item.get("name")
         if name is not None and not NAME.fullmatch(name):
             return f"{where}: name must be 1 to 64 letters, digits or . _ - : [ ]"
+        models = item.get("models", [])
+        if any(not isinstance(m, str) or not MODEL.fullmatch(m) for m in models) or not (
+            len(set(models)) == len(models) and ("models" not in item or models)
+        ):
+            return (
+                f"{where}: models must be a list of model names as the router serves them "
+                f"(each once, 1 to 128 characters without spaces)"
+            )
     return None
 
 
 # A backend's name goes into a response header and metrics labels: kept to plain ASCII.
 NAME = re.compile(r"[A-Za-z0-9._:\[\]-]{1,64}")
+# A model's name as a router lists it (an HF repo and tag, a file name): printable ASCII.
+MODEL = re.compile(r"[!-~]{1,128}")
 
 
 def _describe(kind):

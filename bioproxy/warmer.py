@@ -106,6 +106,8 @@ class Warmer:
                 log.warning("llama-server is not ready, warmups wait: %s", e)
                 backend.left_routing()
             self.backend_was_down = True
+            if e.status == 400:
+                backend.load_if_room()  # a router's model it does not run now
             return
         if restarted or self.backend_was_down:
             log.warning("llama-server restarted or changed model: making templates warm again")

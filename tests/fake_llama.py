@@ -2,6 +2,7 @@
 
 import json
 import re
+from urllib.parse import parse_qs, urlsplit
 
 import responses
 
@@ -202,3 +203,82 @@ def _common_words(held, prompt):
     while n < min(len(held), len(new) - 1) and held[n] == new[n]:
         n += 1
     return n
+
+
+# The paths FakeRouter passes on to a model's FakeLlama, and its method for each.
+ROUTED = {
+    ("GET", "/props"): "props",
+    ("GET", "/slots"): "slots",
+    ("POST", "/apply-template"): "apply_template",
+    ("POST", "/tokenize"): "tokenize",
+    ("POST", "/completion"): "completion",
+    ("POST", "/v1/chat/completions"): "chat",
+}
+
+
+class FakeRouter:
+    """llama-server in router mode: one FakeLlama a model, reached by the model that a GET
+    names in its query and a POST in its body; its own /props and /health otherwise."""
+
+    def __init__(self, models, base=BACKEND, max_instances=4):
+        self.base = base
+        self.models = {name: FakeLlama(model=f"/models/{name}.gguf", base=base) for name in models}
+        self.max_instances = max_instances  # its --models-max (0: no limit)
+        self.unloaded = set()  # models it does not run now
+        self.calls = []  # (method, path, model, autoload) of each call that named a model
+        self.loads = []  # the models POST /models/load asked for
+
+    def install(self):
+        for (method, path), handler in ROUTED.items():
+            responses.add_callback(method, f"{self.base}{path}", self._routed(handler))
+        actions = re.compile(rf"{self.base}/slots/\d+\?action=\w+")
+        responses.add_callback("POST", actions, self._routed("action"))
+        responses.add("GET", f"{self.base}/health", json={"status": "ok"})
+        responses.add_callback("GET", f"{self.base}/models", self.list_models)
+        responses.add_callback("POST", f"{self.base}/models/load", self.load)
+        return self
+
+    def list_models(self, request):
+        data = [
+            {
+                "id": name,
+                "aliases": [],
+                "status": {"value": "unloaded" if name in self.unloaded else "loaded"},
+            }
+            for name in self.models
+        ]
+        return FakeLlama._json(200, {"data": data, "object": "list"})
+
+    def load(self, request):
+        model = json.loads(request.body)["model"]
+        self.loads.append(model)
+        self.reload(model)
+        return FakeLlama._json(200, {"success": True})
+
+    def _routed(self, handler):
+        def handle(request):
+            url = urlsplit(request.url)
+            query = parse_qs(url.query)
+            if request.method == "GET":
+                model = query.get("model", [None])[0]
+            else:
+                model = json.loads(request.body or b"{}").get("model")
+            if model is None:
+                if handler == "props":
+                    answer = {"role": "router", "max_instances": self.max_instances}
+                    return FakeLlama._json(200, answer)
+                return FakeLlama._json(400, {"error": {"message": "model name is missing"}})
+            autoload = query.get("autoload", ["true"])[0]
+            self.calls.append((request.method, url.path, model, autoload))
+            if model not in self.models:
+                return FakeLlama._json(400, {"error": {"message": f"model '{model}' not found"}})
+            if model in self.unloaded:
+                return FakeLlama._json(400, {"error": {"message": "model is not loaded"}})
+            return getattr(self.models[model], handler)(request)
+
+        return handle
+
+    def reload(self, model):
+        """The router unloaded the model and loaded it again: a new server for it."""
+        self.unloaded.discard(model)
+        self.models[model].restart()

@@ -318,12 +318,33 @@ def test_a_slot_llama_server_cleared_while_idle_is_not_taken_for_warm(app, llama
 
     answer = ask(client, "@code Why?")
 
-    assert answer.headers["X-Bioproxy-Cache"] == "restored"
+    # Left to llama-server, which loads it from its RAM cache: no restore from disk.
+    assert answer.headers["X-Bioproxy-Cache"] == "server"
     assert answer.get_json()["timings"]["cache_n"] > 0
     assert (
-        sample(admin, "bioproxy_template_requests_total", template="@code", cache="restored") == 1
+        sample(admin, "bioproxy_template_requests_total", template="@code", cache="server") == 1
     )
+    assert [a for a, _, _ in llama.actions if a == "restore"] == []
     assert backend(app).slots.table.cleared
+
+
+def test_where_the_ram_cache_lost_a_template_requests_restore_it_first(
+    app, llama, client, admin, caplog
+):
+    llama.clears_idle_slots = True
+    warmer(app).check()
+    llama.ram.clear()  # too small a --cache-ram: it kept nothing
+
+    missed = ask(client, "@code Why?")
+    assert missed.headers["X-Bioproxy-Cache"] == "server"
+    assert missed.get_json()["timings"]["cache_n"] == 0  # measured: cold
+    assert sample(admin, "bioproxy_template_requests_total", template="@code", cache="cold") == 1
+    assert "RAM cache did not hold @code" in caplog.text
+
+    llama.ram.clear()
+    answer = ask(client, "@review x = 1")
+    assert answer.headers["X-Bioproxy-Cache"] == "restored"
+    assert answer.get_json()["timings"]["cache_n"] > 0
 
 
 def test_a_request_expected_warm_that_came_back_cold_is_counted_as_a_miss(
@@ -979,3 +1000,17 @@ def test_failed_evaluations_are_retried_after_a_growing_pause(make_app, folder, 
     llama.on_completion = None
     warmer(app).check()
     assert entry.state == "warm" and entry.failures == 0
+
+
+def test_a_second_request_while_the_first_has_its_template_is_restored(app, llama, client):
+    # llama-server moves a prompt out of its RAM cache into the slot that loads it: the
+    # second request of the same template at the same time would find nothing there.
+    llama.clears_idle_slots = True
+    warmer(app).check()
+    first = Ticket(USER, "@code")
+    backend(app).scheduler.acquire(first)  # a request for @code runs in its slot
+
+    answer = ask(client, "@code Why?")
+
+    assert answer.headers["X-Bioproxy-Cache"] == "restored"
+    assert answer.get_json()["timings"]["cache_n"] > 0

@@ -1,0 +1,179 @@
+"""llama-server in router mode: a backend's models, each a unit of its own; faked router."""
+
+import json
+
+import pytest
+import responses
+
+from bioproxy import config
+from bioproxy.config import ConfigError
+from bioproxy.upstream import Upstream
+from tests.conftest import ADMIN_BASE, BACKEND
+from tests.fake_llama import FakeRouter
+from tests.test_warmup import ask, templates_folder
+
+
+def test_a_routers_models_are_backends_of_their_own(isolated_config):
+    settings = config.load(
+        {"backends": [{"url": "http://box:8080", "name": "box", "models": ["a", "org/b:Q4"]}]}
+    )
+    a, b = settings.backends_list()
+    assert [(s.name, s.url, s.model) for s in (a, b)] == [
+        ("box/a", "http://box:8080", "a"),
+        ("box/org/b:Q4", "http://box:8080", "org/b:Q4"),
+    ]
+    assert a.state_dir != b.state_dir and a.state_dir.endswith("box_a")
+
+
+@pytest.mark.parametrize(
+    "keys, says",
+    [
+        ({"backends": [{"url": "http://a", "models": "a"}]}, "models must be a JSON array"),
+        ({"backends": [{"url": "http://a", "models": []}]}, "models must be a list"),
+        ({"backends": [{"url": "http://a", "models": ["a", "a"]}]}, "each once"),
+        ({"backends": [{"url": "http://a", "models": ["a b"]}]}, "without spaces"),
+        ({"prefixes": {"@c": {"file": "c.txt", "size": 1}}}, "unknown key 'size'"),
+        ({"prefixes": {"@c": {"model": "a"}}}, "not a file path"),
+        ({"prefixes": {"@c": {"file": "c.txt", "model": 3}}}, "its model must be"),
+    ],
+)
+def test_bad_models_are_refused_with_what_is_wrong(isolated_config, keys, says):
+    with pytest.raises(ConfigError, match=says):
+        config.load(keys)
+
+
+def test_a_template_may_name_its_model(isolated_config):
+    settings = config.load({"prefixes": {"@c": {"file": "c.txt", "model": "a"}, "@r": "r.txt"}})
+    assert settings.templates() == {"@c": ("c.txt", "a"), "@r": ("r.txt", None)}
+
+
+def test_bioproxys_own_calls_name_the_model_and_never_load_it():
+    upstream = Upstream("http://box:8080", 1, 1, 1, model="org/b:Q4")
+    url, body = upstream.own_call("GET", "/slots", None)
+    assert url == "http://box:8080/slots?autoload=false&model=org%2Fb%3AQ4"
+    url, body = upstream.own_call("POST", "/slots/0?action=save", {"filename": "f"})
+    assert url == "http://box:8080/slots/0?action=save&autoload=false&model=org%2Fb%3AQ4"
+    assert body == {"model": "org/b:Q4", "filename": "f"}
+    plain = Upstream("http://box:8080", 1, 1, 1)
+    assert plain.own_call("GET", "/slots", None) == ("http://box:8080/slots", None)
+
+
+@pytest.fixture
+def router():
+    responses.start()
+    yield FakeRouter(["a", "b"]).install()
+    responses.stop()
+    responses.reset()
+
+
+@pytest.fixture
+def app(make_app, isolated_config, router):
+    folder = templates_folder(isolated_config)
+    backend = {"url": BACKEND, "name": "r", "models": ["a", "b"]}
+    backend["slot_save_path"] = str(folder / "slots")
+    return make_app(
+        backends=[backend],
+        prefixes={"@code": {"file": "code.txt", "model": "a"}, "@review": "review.txt"},
+    )
+
+
+@pytest.fixture
+def make_app(tmp_path):
+    from bioproxy import create_app
+    from tests.conftest import ListenerClient
+
+    def make(**overrides):
+        app = create_app({"state_dir": str(tmp_path / "state"), **overrides})
+        app.test_client_class = ListenerClient
+        return app
+
+    return make
+
+
+def units(app):
+    return app.extensions["bioproxy"].pool
+
+
+def test_each_model_warms_its_templates_and_the_ones_for_any_model(app, router):
+    a, b = units(app)
+    for unit in (a, b):
+        unit.warmer.check()
+    assert a.warmth["@code"].state == "warm" and a.warmth["@review"].state == "warm"
+    assert b.warmth["@review"].state == "warm"
+    assert not b.serves("@code") and b.state_of("@code") == "unserved"
+    assert not b.joining  # what it serves is warm
+    # Each call named its model, and none would make the router load one.
+    assert router.calls and all(autoload == "false" for *_, autoload in router.calls)
+    evaluated = {m: [p for _, p in fake.evaluated] for m, fake in router.models.items()}
+    assert any("coding" in p for p in evaluated["a"])
+    assert not any("coding" in p for p in evaluated["b"])
+    templates = app.test_client(base_url=ADMIN_BASE).get("/templates").get_json()["templates"]
+    code = next(t for t in templates if t["prefix"] == "@code")
+    shown = [(s["name"], s["served"], s["state"]) for s in code["backends"]]
+    assert shown == [("r/a", True, "warm"), ("r/b", False, "unserved")]
+
+
+def test_a_templated_request_goes_to_its_models_unit_which_it_then_names(app, router):
+    for unit in units(app):
+        unit.warmer.check()
+    client = app.test_client()
+
+    answer = ask(client, "@code Why?")  # no model: the template's
+    assert answer.status_code == 200, answer.get_data()
+    assert answer.headers["X-Bioproxy-Backend"] == "r/a"
+    assert answer.headers["X-Bioproxy-Cache"] == "slot"
+    assert router.models["a"].chats[-1]["model"] == "a"
+
+    answer = ask(client, "@review x = 1", model="b")  # the model the client names
+    assert answer.headers["X-Bioproxy-Backend"] == "r/b"
+    assert answer.headers["X-Bioproxy-Cache"] == "slot"
+    assert router.models["b"].chats[-1]["model"] == "b"
+
+    plain = client.post(
+        "/v1/chat/completions",
+        data=json.dumps({"model": "b", "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    assert plain.headers["X-Bioproxy-Backend"] == "r/b"
+
+
+def test_a_model_the_router_reloads_is_warmed_again(app, router):
+    a, b = units(app)
+    for unit in (a, b):
+        unit.warmer.check()
+    router.max_instances = 1
+    router.unloaded.add("a")  # past --models-max, or idle
+    a.warmer.check()
+    assert not a.up() and router.loads == []  # no room: bioproxy would make it unload b
+    status = app.test_client(base_url=ADMIN_BASE).get("/health").get_json()
+    assert status["status"] == "ok"  # the router answers, and loads it when asked
+    assert [s["status"] for s in status["backends"]] == ["unloaded", "ok"]
+
+    router.reload("a")  # a user's request made the router load it again: empty slots
+    router.unloaded.add("b")
+    a.warmer.check()
+    assert a.up() and a.warmth["@code"].state == "warm"
+    restored = [name for action, _, name in router.models["a"].actions if action == "restore"]
+    assert len(restored) == 2  # from its saved files, not evaluated again
+
+
+def test_a_model_not_running_is_loaded_where_the_router_has_room(app, router):
+    a, b = units(app)
+    router.unloaded.add("a")
+    for unit in (a, b):
+        unit.warmer.check()
+    assert router.loads == ["a"]
+    a.warmer.check()
+    assert a.up() and a.warmth["@code"].state == "warm"
+
+
+def test_a_router_without_models_named_is_told_apart(make_app, isolated_config, router, caplog):
+    app = make_app(backends=[BACKEND], prefixes={"@review": "review.txt"})
+    templates_folder(isolated_config)
+    (unit,) = units(app)
+    unit.warmer.check()
+    assert not unit.up()
+    status = app.test_client(base_url=ADMIN_BASE).get("/status").get_json()
+    assert status["backend_seen"]["reachable"] is False
+    assert router.calls == []
+    assert "this llama-server is a router" in caplog.text
+    assert "list the models" in caplog.text
