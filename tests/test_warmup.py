@@ -321,9 +321,7 @@ def test_a_slot_llama_server_cleared_while_idle_is_not_taken_for_warm(app, llama
     # Left to llama-server, which loads it from its RAM cache: no restore from disk.
     assert answer.headers["X-Bioproxy-Cache"] == "server"
     assert answer.get_json()["timings"]["cache_n"] > 0
-    assert (
-        sample(admin, "bioproxy_template_requests_total", template="@code", cache="server") == 1
-    )
+    assert sample(admin, "bioproxy_template_requests_total", template="@code", cache="server") == 1
     assert [a for a, _, _ in llama.actions if a == "restore"] == []
     assert backend(app).slots.table.cleared
 
