@@ -154,10 +154,11 @@ class Backend:
         # tried to warm) every template: it takes templated requests only when no backend
         # that has joined is up (pool.py).
         self.joining = True
-        # Where llama-server clears idle slots: whether its RAM cache (--cache-ram) has held
-        # every template a request looked for there. Until one is found missing, requests
-        # are left to it rather than restored from disk first (templated.py).
-        self.ram_cache_holds = True
+        # Where llama-server clears idle slots: whether its RAM cache (--cache-ram) keeps
+        # the templates, as last measured (warmer.py probes it once it has warmed them; a
+        # request found one missing there). None: not measured. Only while True are
+        # templated requests left to it rather than restored from disk first.
+        self.ram_cache_holds = None
         self.warm_backends = settings.warm_backends
         self.health_interval = settings.health_check_interval
         self.health_timeout = settings.health_timeout
@@ -226,7 +227,7 @@ class Backend:
 
     def ram_cache_missed(self, prefix, reused, tokens):
         """A request left to llama-server's own cache found its template missing there."""
-        if not self.slots.table.cleared or not self.ram_cache_holds:
+        if not self.slots.table.cleared or self.ram_cache_holds is False:
             return
         self.ram_cache_holds = False
         log.warning(
@@ -241,7 +242,7 @@ class Backend:
 
     def rejoin(self):
         """llama-server restarted (or was gone): held out of templated routing again."""
-        self.ram_cache_holds = True  # a new server, perhaps with another --cache-ram
+        self.ram_cache_holds = None  # a new server, perhaps with another --cache-ram
         if not self.joining:
             log.warning("backend %s: warming its templates before templated requests", self.name)
         self.joining = True

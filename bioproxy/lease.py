@@ -61,7 +61,7 @@ class Lease:
         if all(_count(n) for n in (reused, evaluated)):
             metrics.tokens_reused.labels(prefix).inc(reused)
             metrics.tokens_evaluated.labels(prefix).inc(evaluated)
-            warm = _found_warm(reused, tokens)
+            warm = found_warm(reused, tokens)
             if self.cache == "server":
                 self.outcome = "server" if warm else "cold"  # llama-server's own cache
                 if not warm:
@@ -126,6 +126,6 @@ def _count(n):
     return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
-def _found_warm(reused, tokens):
+def found_warm(reused, tokens):
     """Whether an answer that reused this many tokens found a template of tokens warm."""
     return not tokens or reused >= tokens - min(MISS_SLACK, tokens // 2)

@@ -132,9 +132,9 @@ def _made_ready(backend, ticket, expansion):
         # task pinned to a slot never loads from that cache, llama.cpp b11434).
         return "server"
     if not backend.pins() and backend.ram_cache_holds and not _in_flight(backend, ticket):
-        # llama-server clears idle slots into its RAM cache, which holds the template (no
-        # request found it missing there yet): it loads it from there, faster than a
-        # restore from disk (which it would copy to that cache again after the request).
+        # llama-server clears idle slots into its RAM cache, which keeps the templates (as
+        # measured, warmer.py): it loads it from there, faster than a restore from disk
+        # (which it would copy to that cache again at the next task's start).
         return "server"
     # Unpinned too when llama-server clears idle slots: the restored slot, or the copy of
     # it llama-server keeps in its RAM cache when it clears it, is where it places it. A

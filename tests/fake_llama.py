@@ -35,6 +35,7 @@ class FakeLlama:
         self.on_action = None  # called with (action, slot, filename) before it is answered
         self.clears_idle_slots = False
         self.ram = []  # texts in the RAM cache (--cache-ram), which unpinned requests reuse
+        self.ram_keeps = True  # False: a --cache-ram too small to keep a cleared slot
         self.shows_tokens = True  # n_prompt_tokens in GET /slots
         self.folder = None  # where saves also write their file, to be seen on disk
         self.rendered = []  # bodies of /apply-template
@@ -69,7 +70,8 @@ class FakeLlama:
             # cache, and clears it.
             for other in self.contents:
                 if other != slot and other not in self.busy and self.contents[other]:
-                    self.ram.append(self.contents[other])
+                    if self.ram_keeps:
+                        self.ram.append(self.contents[other])
                     self.contents[other] = ""
         self.restored.discard(slot)
         self.tasks[slot] = self.next_task
@@ -124,9 +126,11 @@ class FakeLlama:
 
     def completion(self, request):
         body = json.loads(request.body)
-        slot = body["id_slot"]
         if self.on_completion is not None:
             self.on_completion(body)
+        slot = body.get("id_slot")
+        if slot is None:
+            slot = self._place(body["prompt"])
         prompt, held = body["prompt"], self.contents[slot]
         n = len(prompt.split())
         # Reused: what the slot holds, if the prompt starts with it; never the last token.
@@ -169,20 +173,34 @@ class FakeLlama:
         self.restored.add(slot)
         return self._json(200, {"id_slot": slot, "n_restored": len(self.files[name].split())})
 
+    def _place(self, prompt):
+        """The slot llama-server runs an unpinned prompt in: one that holds its start, else
+        one it loads from its RAM cache (moving the entry out of it), else the first free."""
+        free = [s for s in self.contents if s not in self.busy]
+        holding = [s for s in free if self.contents[s] and prompt.startswith(self.contents[s])]
+        slot = holding[0] if holding else free[0]
+        if holding:
+            return slot
+        if self.contents[slot] and self.ram_keeps:  # what it held is kept there first
+            self.ram.append(self.contents[slot])
+            self.contents[slot] = ""
+        # The entry sharing the longest start with the prompt, if it keeps a quarter of
+        # itself (llama.cpp's server_prompt_cache::load).
+        shared = {text: _common_words(text, prompt + " .") for text in self.ram}
+        usable = [t for t in self.ram if shared[t] and shared[t] >= len(t.split()) / 4]
+        if usable:
+            best = max(usable, key=shared.get)
+            self.ram.remove(best)
+            self.contents[slot] = best
+        return slot
+
     def chat(self, request):
         body = json.loads(request.body)
         self.chats.append(body)
         prompt = self.render(body["messages"], body.get("tools"))
         slot = body.get("id_slot")
-        if slot is None:  # placed by llama-server: a slot that holds the prompt's start,
-            free = [s for s in self.contents if s not in self.busy]
-            holding = [s for s in free if self.contents[s] and prompt.startswith(self.contents[s])]
-            slot = holding[0] if holding else free[0]
-            cached = [text for text in self.ram if text and prompt.startswith(text)]
-            if not holding and cached:  # else one loaded from the RAM cache, whose own
-                if self.contents[slot]:  # content is kept there first
-                    self.ram.append(self.contents[slot])
-                self.contents[slot] = max(cached, key=len)
+        if slot is None:
+            slot = self._place(prompt)
         cached = _common_words(self.contents[slot], prompt)  # as llama-server's cache_prompt
         self._task(slot, prompt)
         timings = {"cache_n": cached, "prompt_n": len(prompt.split()) - cached}
