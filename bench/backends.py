@@ -21,24 +21,27 @@ Run:    .venv/bin/python -m bench.backends [--requests-per-client 8] [--clients 
 import argparse
 import contextlib
 import os
-import random
 import tempfile
-import threading
 import time
 
 import requests
 
 from bench.proxy_overhead import machine, table
-from bench.scheduling import PLAIN, QUESTIONS, SMALL_CACHE_RAM, percentile, reference
+from bench.scheduling import (
+    MEAN_GAP,
+    PLAIN,
+    PLAIN_SHARE,
+    QUESTIONS,
+    SMALL_CACHE_RAM,
+    Mixed,
+    percentile,
+)
 from bench.warmup import first_token
-from bioproxy import templates
 from bioproxy.llamacpp import LlamaServer
 from bioproxy.testing import Bioproxy, Nginx, free_port
 
 PROJECTS = ("orchard", "harbor", "quarry", "meadow", "lantern", "saddle")
 SERVERS = 3
-PLAIN_SHARE = 0.2
-MEAN_GAP = 1.0  # seconds between a client's requests, on average
 CACHE_RAM = {"default --cache-ram": None, f"--cache-ram {SMALL_CACHE_RAM}": SMALL_CACHE_RAM}
 
 
@@ -66,34 +69,11 @@ def nginx_round_robin(port, ports):
     }}"""
 
 
-class Run:
+class Run(Mixed):
     """One schedule of requests, played through nginx and through bioproxy."""
 
     def __init__(self, folder, clients, per_client, seed=13):
-        self.folder = folder
-        self.prefixes = {}
-        os.makedirs(os.path.join(folder, "templates"))
-        for project in PROJECTS:
-            path = os.path.join("templates", f"{project}.txt")
-            with open(os.path.join(folder, path), "w") as f:
-                f.write(reference(project, 26))
-            self.prefixes["@" + project] = path
-        rng = random.Random(seed)
-        self.schedule = [
-            [
-                (
-                    rng.expovariate(1 / MEAN_GAP),
-                    None if rng.random() < PLAIN_SHARE else rng.choice(list(self.prefixes)),
-                    rng.choice(QUESTIONS),
-                )
-                for _ in range(per_client)
-            ]
-            for _ in range(clients)
-        ]
-
-    def expanded(self, prefix, question):
-        path = self.prefixes[prefix]
-        return templates.load(prefix, path, self.folder, self.folder, 1 << 22).render(question)
+        super().__init__(folder, per_client, seed, projects=PROJECTS, clients=clients)
 
     @contextlib.contextmanager
     def llamas(self, name, cache_ram):
@@ -111,26 +91,6 @@ class Run:
                 servers.append(stack.enter_context(server))
             yield servers
 
-    def play(self, url, content_for):
-        """Every client's requests, concurrently: [(prefix, ttft, tokens evaluated)]."""
-        results, threads = [], []
-
-        def client(requests_):
-            for gap, prefix, question in requests_:
-                time.sleep(gap)
-                try:
-                    ttft, evaluated, _ = first_token(url, content_for(prefix, question))
-                    results.append((prefix, ttft, evaluated))
-                except requests.RequestException as e:
-                    results.append((prefix, None, str(e)))
-
-        for requests_ in self.schedule:
-            threads.append(threading.Thread(target=client, args=(requests_,)))
-            threads[-1].start()
-        for thread in threads:
-            thread.join()
-        return results
-
     def nginx(self, cache_ram):
         def content(prefix, question):
             return self.expanded(prefix, question) if prefix else PLAIN[len(question) % 4]
@@ -145,7 +105,7 @@ class Run:
             nginx.start(port)
             try:
                 before = sum(prompt_tokens(s.url) for s in servers)
-                results = self.play(f"http://127.0.0.1:{port}", content)
+                results, _ = self.play(f"http://127.0.0.1:{port}", content)
                 return results, sum(prompt_tokens(s.url) for s in servers) - before
             finally:
                 nginx.stop()
@@ -166,7 +126,7 @@ class Run:
             with Bioproxy(None, self.folder, config) as proxy:
                 wait(lambda: all_warm(proxy), "templates warm on every backend")
                 before = sum(prompt_tokens(s.url) for s in servers)
-                results = self.play(proxy.proxy_url, content)
+                results, _ = self.play(proxy.proxy_url, content)
                 return results, sum(prompt_tokens(s.url) for s in servers) - before
 
 

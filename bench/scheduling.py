@@ -33,6 +33,7 @@ from bioproxy.llamacpp import LlamaServer
 from bioproxy.testing import Bioproxy, free_port
 
 CLIENTS = 8
+PROJECTS = ("orchard", "harbor", "quarry", "meadow")  # a template each
 PLAIN_SHARE = 0.2
 MEAN_GAP = 1.0  # seconds between a client's requests, on average
 SMALL_CACHE_RAM = 16  # MiB: one ~1,000-token template of this model takes ~23 MB
@@ -86,11 +87,11 @@ def prompt_tokens(llama):
 class Mixed:
     """One schedule of requests, played against llama-server alone and through bioproxy."""
 
-    def __init__(self, folder, per_client, seed=7):
+    def __init__(self, folder, per_client, seed=7, projects=PROJECTS, clients=CLIENTS):
         self.folder = folder
         self.prefixes = {}
         os.makedirs(os.path.join(folder, "templates"))
-        for project in ("orchard", "harbor", "quarry", "meadow"):
+        for project in projects:
             path = os.path.join("templates", f"{project}.txt")
             with open(os.path.join(folder, path), "w") as f:
                 f.write(reference(project, 26))
@@ -105,7 +106,7 @@ class Mixed:
                 )
                 for _ in range(per_client)
             ]
-            for _ in range(CLIENTS)
+            for _ in range(clients)
         ]
 
     def expanded(self, prefix, question):

@@ -154,16 +154,12 @@ class Backend:
         # tried to warm) every template: it takes templated requests only when no backend
         # that has joined is up (pool.py).
         self.joining = True
-        # Where llama-server clears idle slots: whether its RAM cache (--cache-ram) keeps
-        # the templates, as last measured (warmer.py probes it once it has warmed them; a
-        # request found one missing there). None: not measured. Only while True are
-        # templated requests left to it rather than restored from disk first.
-        self.ram_cache_holds = None
         self.warm_backends = settings.warm_backends
         self.health_interval = settings.health_check_interval
         self.health_timeout = settings.health_timeout
         self.told_missing = None  # the router's models when the log last said ours is not
         self.checker = None  # the greenlet of check_health_forever()
+        self.answers = set()  # its answers on their way to clients (AnswerBody)
 
     def reload_templates(self):
         """Read the templates again: one whose text is new is stale on every backend."""
@@ -225,24 +221,8 @@ class Backend:
         except BackendError as e:
             log.warning("backend %s: the router did not load it: %s", self.name, e)
 
-    def ram_cache_missed(self, prefix, reused, tokens):
-        """A request left to llama-server's own cache found its template missing there."""
-        if not self.slots.table.cleared or self.ram_cache_holds is False:
-            return
-        self.ram_cache_holds = False
-        log.warning(
-            "backend %s: llama-server's RAM cache did not hold %s (it reused %s of its %s "
-            "tokens): templated requests restore its saved cache first from now on (a "
-            "larger --cache-ram would hold them)",
-            self.name,
-            prefix,
-            reused,
-            tokens,
-        )
-
     def rejoin(self):
         """llama-server restarted (or was gone): held out of templated routing again."""
-        self.ram_cache_holds = None  # a new server, perhaps with another --cache-ram
         if not self.joining:
             log.warning("backend %s: warming its templates before templated requests", self.name)
         self.joining = True
@@ -365,6 +345,24 @@ class Backend:
                 self.unreachable()
             elif status == "ok" and not self.up():
                 self.warmer.wake.set()
+            if status == "down":
+                self.cut_stalled()
+
+    def answering(self, body):
+        """An answer of llama-server's on its way to a client (proxy.send), until closed."""
+        self.answers.add(body)
+        body.on_close = self.answers.discard
+
+    def cut_stalled(self):
+        """llama-server does not answer its /health: the answers from it that have sent
+        nothing for health_timeout are cut (their clients see a cut stream, never a hang
+        until upstream_timeout). One still streaming goes on: llama-server is alive."""
+        now = time.monotonic()
+        stalled = [b for b in self.answers if now - b.read_at >= self.health_timeout]
+        for body in stalled:
+            body.cut()
+        if stalled:
+            log.warning("backend %s: %d answers from it cut, stalled", self.name, len(stalled))
 
     def close(self):
         self.stop()

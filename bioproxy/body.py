@@ -1,7 +1,10 @@
 """An answer of llama.cpp's on its way to the client: one object from first byte to close."""
 
+import contextlib
 import json
 import logging
+import socket
+import time
 
 import urllib3
 
@@ -34,6 +37,8 @@ class AnswerBody:
         self.closed = False
         # Only a templated request's timings are read (by its lease, at the end).
         self.keeps_tail = lease is not None and lease.template is not None
+        self.read_at = time.monotonic()  # when llama.cpp last sent something
+        self.on_close = None  # called once closed (the backend's count of answers)
 
     def start(self):
         """Read the first chunk; the error to answer instead if llama.cpp failed before it."""
@@ -59,6 +64,7 @@ class AnswerBody:
         self.complete = True
 
     def _kept(self, chunk):
+        self.read_at = time.monotonic()
         if self.keeps_tail:
             self.tail = (self.tail + chunk)[-TAIL_BYTES:]
         return chunk
@@ -71,8 +77,19 @@ class AnswerBody:
             self.chunks.close()
             self.answer.close()
         finally:
+            if self.on_close is not None:
+                self.on_close(self)
             if self.lease is not None:
                 self.lease.end(self)
+
+    def cut(self):
+        """End the stream from llama.cpp's side, from another greenlet (llama-server hung):
+        its reader then fails as on a cut connection, and the client's is cut in turn
+        (never a clean end: the body's last chunk never came)."""
+        sock = getattr(self.answer.raw.connection, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile
+                sock.shutdown(socket.SHUT_RDWR)
 
     def timings(self):
         """The last "timings" object in the body (the final SSE event's), or None."""

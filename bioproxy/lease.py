@@ -61,11 +61,9 @@ class Lease:
         if all(_count(n) for n in (reused, evaluated)):
             metrics.tokens_reused.labels(prefix).inc(reused)
             metrics.tokens_evaluated.labels(prefix).inc(evaluated)
-            warm = found_warm(reused, tokens)
+            warm = _found_warm(reused, tokens)
             if self.cache == "server":
                 self.outcome = "server" if warm else "cold"  # llama-server's own cache
-                if not warm:
-                    self.backend.ram_cache_missed(prefix, reused, tokens)
             elif self.cache != "cold" and not warm:
                 self._missed(warmth, reused, tokens)
         metrics.template_requests.labels(prefix, self.outcome).inc()
@@ -126,6 +124,6 @@ def _count(n):
     return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
-def found_warm(reused, tokens):
+def _found_warm(reused, tokens):
     """Whether an answer that reused this many tokens found a template of tokens warm."""
     return not tokens or reused >= tokens - min(MISS_SLACK, tokens // 2)

@@ -57,9 +57,7 @@ def template_body(template):
 
 
 def _body(slot, text):
-    """A completion of text that generates nothing, in that slot (None: llama-server's choice)."""
-    body = {"prompt": text, "n_predict": 0, "cache_prompt": True}
-    return body if slot is None else {**body, "id_slot": slot}
+    return {"prompt": text, "n_predict": 0, "id_slot": slot, "cache_prompt": True}
 
 
 def final_event(body):

@@ -223,6 +223,7 @@ def send(backend, state, target, headers, data, lease=None):
     with backend.user_waiting() if lease is not None else nullcontext():
         answer = send_upstream(backend, state.metrics, request.method, target, headers, data)
         body = AnswerBody(answer, state.metrics, lease)
+        backend.answering(body)
         body.start()
     return body
 

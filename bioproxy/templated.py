@@ -131,24 +131,11 @@ def _made_ready(backend, ticket, expansion):
         # template from its RAM cache (--cache-ram) if it kept one; pinned, it would not (a
         # task pinned to a slot never loads from that cache, llama.cpp b11434).
         return "server"
-    if not backend.pins() and backend.ram_cache_holds and not _in_flight(backend, ticket):
-        # llama-server clears idle slots into its RAM cache, which keeps the templates (as
-        # measured, warmer.py): it loads it from there, faster than a restore from disk
-        # (which it would copy to that cache again at the next task's start).
-        return "server"
     # Unpinned too when llama-server clears idle slots: the restored slot, or the copy of
     # it llama-server keeps in its RAM cache when it clears it, is where it places it. A
     # restore that fails leaves it pinned and cold: it then fills its slot.
     warmth = backend.warmth[entry.prefix]
     return backend.caches.restore_for_request(entry, warmth, template, ticket.slot)
-
-
-def _in_flight(backend, ticket):
-    """Whether another request for the same cache runs on the backend now. llama-server
-    moves a prompt out of its RAM cache into the slot that loads it (b11434): a second
-    request at the same time finds it gone there, and is evaluated whole."""
-    busy = backend.scheduler.busy.values()
-    return any(other is not ticket and other.template == ticket.template for other in busy)
 
 
 def _ticket(slots, body, expansion):

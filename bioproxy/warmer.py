@@ -13,8 +13,6 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Pool
 
-from .lease import found_warm
-from .scheduler import WARMUP, Ticket
 from .upstream import BackendError
 from .warmth import State
 from .warmup import Warmups
@@ -137,57 +135,8 @@ class Warmer:
             self.warming.add(prefix)
             self.pool.spawn(self.warm_logged, prefix)
         backend.check_joined()
-        if self.ram_cache_unknown() and not self.warming and not self.pool.full():
-            self.pool.spawn(self.probe_ram_cache)
         if wait:
             self.pool.join()
-
-    def ram_cache_unknown(self):
-        """Whether to find out if llama-server's RAM cache keeps templates: it clears idle
-        slots, its templates are warm, and that was not measured since it started."""
-        backend = self.backend
-        if backend.ram_cache_holds is not None or not backend.slots.table.cleared:
-            return False
-        return any(w.state == State.WARM and w.tokens for w in backend.warmth.values())
-
-    def probe_ram_cache(self):
-        """Measure whether a template cleared from its slot is found in llama-server's RAM
-        cache: a one-token prompt first (its start clears every idle slot into that cache),
-        then the template's head, both unpinned; its timings tell. Users first: behind
-        them in the queue, and only while none is in flight (a miss evaluates the head)."""
-        backend = self.backend
-        backend.gate.wait_until_idle()
-        warm = [e for e in self.catalog if backend.warmth[e.prefix].state == State.WARM]
-        if not warm or not self.ram_cache_unknown():
-            return
-        entry = min(warm, key=lambda e: (backend.warmth[e.prefix].last_warmup or {}).get("at", 0))
-        tokens = backend.warmth[entry.prefix].tokens
-        ticket = Ticket(WARMUP, entry.prefix)
-        backend.scheduler.acquire(ticket)
-        ticket.pinned = False
-        try:
-            head = backend.prompts.fetch_head(entry.template)
-            backend.prompts.complete(None, " ")
-            timings = backend.prompts.complete(None, head).get("timings") or {}
-        except (BackendError, AttributeError) as e:
-            log.warning("could not look at llama-server's RAM cache: %s", e)
-            return
-        finally:
-            backend.slots.forget(ticket.slot)
-            backend.scheduler.release(ticket, drain=False)
-        reused = timings.get("cache_n")
-        if not isinstance(reused, int):
-            return
-        backend.ram_cache_holds = keeps = found_warm(reused, tokens)
-        (log.info if keeps else log.warning)(
-            "llama-server clears idle slots; its RAM cache %s %s (reused %d of %s tokens): "
-            "templated requests %s",
-            "keeps" if keeps else "did not keep",
-            entry.prefix,
-            reused,
-            tokens,
-            "are left to it" if keeps else "restore their saved caches first",
-        )
 
     def reload(self):
         """Read the templates again: one whose text is new is stale (on every backend)."""

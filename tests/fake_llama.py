@@ -35,7 +35,6 @@ class FakeLlama:
         self.on_action = None  # called with (action, slot, filename) before it is answered
         self.clears_idle_slots = False
         self.ram = []  # texts in the RAM cache (--cache-ram), which unpinned requests reuse
-        self.ram_keeps = True  # False: a --cache-ram too small to keep a cleared slot
         self.shows_tokens = True  # n_prompt_tokens in GET /slots
         self.folder = None  # where saves also write their file, to be seen on disk
         self.rendered = []  # bodies of /apply-template
@@ -70,8 +69,7 @@ class FakeLlama:
             # cache, and clears it.
             for other in self.contents:
                 if other != slot and other not in self.busy and self.contents[other]:
-                    if self.ram_keeps:
-                        self.ram.append(self.contents[other])
+                    self.ram.append(self.contents[other])
                     self.contents[other] = ""
         self.restored.discard(slot)
         self.tasks[slot] = self.next_task
@@ -181,7 +179,7 @@ class FakeLlama:
         slot = holding[0] if holding else free[0]
         if holding:
             return slot
-        if self.contents[slot] and self.ram_keeps:  # what it held is kept there first
+        if self.contents[slot]:  # what it held is kept there first
             self.ram.append(self.contents[slot])
             self.contents[slot] = ""
         # The entry sharing the longest start with the prompt, if it keeps a quarter of

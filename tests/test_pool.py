@@ -1,6 +1,7 @@
 """Several llama-servers: the backends key, routing between them, failover; faked llamas."""
 
 import json
+import time
 
 import gevent
 import gevent.event
@@ -103,19 +104,6 @@ def app(make_app, isolated_config, llamas):
         ],
         prefixes={"@code": "code.txt", "@review": "review.txt"},
     )
-
-
-@pytest.fixture
-def make_app(tmp_path):
-    from bioproxy import create_app
-    from tests.conftest import ListenerClient
-
-    def make(**overrides):
-        app = create_app({"state_dir": str(tmp_path / "state"), **overrides})
-        app.test_client_class = ListenerClient
-        return app
-
-    return make
 
 
 def pool(app):
@@ -363,3 +351,23 @@ def test_warm_backends_keeps_each_template_warm_on_that_many(make_app, isolated_
 def test_warm_backends_is_a_count(isolated_config):
     with pytest.raises(ConfigError, match="warm_backends must be 0 or more"):
         config.load({"warm_backends": -1})
+
+
+def test_a_backend_that_stops_answering_cuts_its_stalled_answers_only(app):
+    one, _ = pool(app)
+
+    class Answer:
+        def __init__(self, read_at):
+            self.read_at, self.on_close, self.was_cut = read_at, None, False
+
+        def cut(self):
+            self.was_cut = True
+
+    now = time.monotonic()
+    stalled, streaming = Answer(now - 60), Answer(now)
+    for answer in (stalled, streaming):
+        one.answering(answer)
+    one.cut_stalled()
+    assert (stalled.was_cut, streaming.was_cut) == (True, False)
+    stalled.on_close(stalled)  # closed: no longer counted
+    assert one.answers == {streaming}

@@ -77,19 +77,6 @@ def app(make_app, isolated_config, router):
     )
 
 
-@pytest.fixture
-def make_app(tmp_path):
-    from bioproxy import create_app
-    from tests.conftest import ListenerClient
-
-    def make(**overrides):
-        app = create_app({"state_dir": str(tmp_path / "state"), **overrides})
-        app.test_client_class = ListenerClient
-        return app
-
-    return make
-
-
 def units(app):
     return app.extensions["bioproxy"].pool
 

@@ -4,6 +4,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 
 import requests
 
@@ -179,6 +180,15 @@ def test_requests_waiting_at_a_hung_backend_go_to_the_others(tmp_path):
             served = [a.headers["X-Bioproxy-Backend"] for a in answers.values()]
             assert hung not in served, served
             assert "waiting requests sent to another" in proxy.log()
+            # Its stream, stalled since it hung, is cut: an error, not a hang, nor an end.
+            started = time.monotonic()
+            try:
+                rest = b"".join(streams[0].iter_content(None))
+            except requests.exceptions.ChunkedEncodingError:
+                rest = None
+            assert rest is None, rest[-200:]
+            assert time.monotonic() - started < 15
+            assert "answers from it cut, stalled" in proxy.log()
         finally:
             os.kill(llamas[hung].process.pid, signal.SIGCONT)
             for answer in streams:
