@@ -5,13 +5,14 @@ The app factory builds one for each configured llama-server, in a Pool (pool.py)
 
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from urllib.parse import urlsplit
 
 import gevent
 from flask import current_app
 
 from .caches import SavedCaches
+from .errors import UpstreamTimeout
 from .evaluator import Evaluator
 from .gate import Gate
 from .hold import Hold
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 
 # A router's model states that hold a server of its own (and count against --models-max).
 RUNNING = ("loading", "loaded", "sleeping")
+
+
+class BackendHung(Exception):
+    """Thrown into a request's greenlet that waits for a llama-server gone silent."""
 
 
 def get_backend():
@@ -160,6 +165,7 @@ class Backend:
         self.told_missing = None  # the router's models when the log last said ours is not
         self.checker = None  # the greenlet of check_health_forever()
         self.answers = set()  # its answers on their way to clients (AnswerBody)
+        self.heads = {}  # greenlet -> since when it waits for an answer's start (awaiting)
 
     def reload_templates(self):
         """Read the templates again: one whose text is new is stale on every backend."""
@@ -348,6 +354,21 @@ class Backend:
             if status == "down":
                 self.cut_stalled()
 
+    @contextmanager
+    def awaiting(self):
+        """While a request waits for llama-server's response and its first chunk: one that
+        waits longer than health_timeout once its /health stops answering gets a
+        BackendHung here (cut_stalled), a clean error for its client."""
+        me = gevent.getcurrent()
+        self.heads[me] = time.monotonic()
+        try:
+            yield
+        except BackendHung as e:
+            self.metrics.upstream_errors.labels(UpstreamTimeout.code).inc()
+            raise UpstreamTimeout(str(e)) from None
+        finally:
+            self.heads.pop(me, None)
+
     def answering(self, body):
         """An answer of llama-server's on its way to a client (proxy.send), until closed."""
         self.answers.add(body)
@@ -361,8 +382,21 @@ class Backend:
         stalled = [b for b in self.answers if now - b.read_at >= self.health_timeout]
         for body in stalled:
             body.cut()
-        if stalled:
-            log.warning("backend %s: %d answers from it cut, stalled", self.name, len(stalled))
+        waiting = [g for g, since in self.heads.items() if now - since >= self.health_timeout]
+        for greenlet in waiting:
+            self.heads.pop(greenlet, None)  # thrown into once
+            hung = BackendHung(
+                f"llama-server {self.name} stopped answering (its /health, within "
+                "health_timeout) before its response to this request"
+            )
+            gevent.kill(greenlet, hung)  # at the hub's next turn, where it waits
+        if stalled or waiting:
+            log.warning(
+                "backend %s: %d answers and %d requests waiting for it cut, stalled",
+                self.name,
+                len(stalled),
+                len(waiting),
+            )
 
     def close(self):
         self.stop()

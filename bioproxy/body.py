@@ -50,6 +50,9 @@ class AnswerBody:
             self.metrics.upstream_errors.labels(error.code).inc()
             self.close()
             raise error from e
+        except BaseException:
+            self.close()  # thrown into while it waited (Backend.cut_stalled), or killed
+            raise
 
     def __iter__(self):
         try:

@@ -220,7 +220,7 @@ def templated_response(response, lease):
 def send(backend, state, target, headers, data, lease=None):
     """llama.cpp's answer body to data, its first chunk read (see AnswerBody.start).
     lease: a request for a slot, whose prompt the warmup llama-server stays out of."""
-    with backend.user_waiting() if lease is not None else nullcontext():
+    with backend.user_waiting() if lease is not None else nullcontext(), backend.awaiting():
         answer = send_upstream(backend, state.metrics, request.method, target, headers, data)
         body = AnswerBody(answer, state.metrics, lease)
         backend.answering(body)

@@ -12,6 +12,7 @@ import urllib3
 
 from bioproxy import config
 from bioproxy.config import ConfigError
+from bioproxy.errors import UpstreamTimeout
 from bioproxy.pool import serving
 from bioproxy.scheduler import USER, Ticket
 from tests.conftest import ADMIN_BASE, BACKEND
@@ -371,3 +372,19 @@ def test_a_backend_that_stops_answering_cuts_its_stalled_answers_only(app):
     assert (stalled.was_cut, streaming.was_cut) == (True, False)
     stalled.on_close(stalled)  # closed: no longer counted
     assert one.answers == {streaming}
+
+
+def test_a_request_waiting_for_a_silent_backend_gets_a_clean_error(app):
+    one, _ = pool(app)
+
+    def waits():
+        with one.awaiting():
+            gevent.sleep(30)  # llama-server never answers
+
+    waiting = gevent.spawn(waits)
+    gevent.sleep(0)
+    one.heads[waiting] -= 60  # waiting for a minute
+    one.cut_stalled()
+    with pytest.raises(UpstreamTimeout, match="stopped answering"):
+        waiting.get(timeout=5)
+    assert one.heads == {}
