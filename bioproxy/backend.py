@@ -206,9 +206,9 @@ class Backend:
             log.warning("backend %s: cannot read the router's models: %s", self.name, e)
             return
         states = {m.get("id"): m.get("status", {}).get("value") for m in models}
-        for m in models:
+        running = sum(1 for state in states.values() if state in RUNNING)
+        for m in models:  # a model's aliases name it too
             states.update(dict.fromkeys(m.get("aliases") or [], states[m.get("id")]))
-        running = sum(1 for m in models if m.get("status", {}).get("value") in RUNNING)
         if self.model not in states:
             if self.told_missing != sorted(states):
                 self.told_missing = sorted(states)

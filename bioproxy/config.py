@@ -96,12 +96,7 @@ class Settings:
     def templates(self):
         """{prefix: (file, model)}: each prefix's template file as configured, and the
         model it is for (None: whichever model a llama-server serves)."""
-        return {
-            prefix: (value["file"], value.get("model"))
-            if isinstance(value, dict)
-            else (value, None)
-            for prefix, value in self.prefixes.items()
-        }
+        return {prefix: template_file(value) for prefix, value in self.prefixes.items()}
 
     def backends_list(self):
         """The llama-servers bioproxy fronts, each a Spec: `backends`, else backend_url.
@@ -173,6 +168,13 @@ class Spec:
     slot_save_path: str | None
     state_dir: str
     model: str | None = None  # the model it is of a router's (backends' models), or None
+
+
+def template_file(value):
+    """(file, model) of a prefixes value: a file path, or {"file": ..., "model": ...}."""
+    if isinstance(value, dict):
+        return value["file"], value.get("model")
+    return value, None
 
 
 def folder_name(name):
@@ -306,13 +308,14 @@ def check_backends(settings, values):
                 f"{key} and backends are both set: with backends, give each llama-server's "
                 f"url and slot_save_path in its own entry"
             )
-    if len(settings.backends_list()) > 1 and settings.warmup_backend_url:
+    specs = settings.backends_list()
+    if len(specs) > 1 and settings.warmup_backend_url:
         raise ConfigError(
             "warmup_backend_url works with one backend only: with several, each evaluates "
             "its own warmups"
         )
     names, places = set(), set()
-    for spec in settings.backends_list():
+    for spec in specs:
         place = (spec.url.rstrip("/"), spec.model)
         if spec.name in names or place in places:
             raise ConfigError(f"backends: {spec.name} ({spec.url}) is there twice")

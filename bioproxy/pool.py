@@ -63,8 +63,8 @@ class Pool:
         a request names). All of them when none does (llama.cpp then says what is wrong)."""
         if model is None or all(backend.model is None for backend in self.backends):
             return self.backends
-        serving = [b for b in self.backends if b.model is None or b.model == model]
-        return serving or self.backends
+        matching = [b for b in self.backends if b.model is None or b.model == model]
+        return matching or self.backends
 
     def candidates(self, model=None):
         """The backends routing may use for a model: those up, or all of them when none is

@@ -14,6 +14,7 @@ import time
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from .config import template_file
 from .llamacpp import LlamaServer, free_port
 from .templates import load
 
@@ -81,7 +82,7 @@ def expanded(workdir, text):
         prefixes = json.load(f)["prefixes"]
     if prefix not in prefixes:
         return text
-    path = prefixes[prefix]["file"] if isinstance(prefixes[prefix], dict) else prefixes[prefix]
+    path, _ = template_file(prefixes[prefix])
     return load(prefix, path, str(workdir), str(workdir), 1 << 20).render(words)
 
 

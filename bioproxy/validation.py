@@ -131,10 +131,9 @@ def _backends_problem(value):
         name = item.get("name")
         if name is not None and not NAME.fullmatch(name):
             return f"{where}: name must be 1 to 64 letters, digits or . _ - : [ ]"
-        models = item.get("models", [])
-        if any(not isinstance(m, str) or not MODEL.fullmatch(m) for m in models) or not (
-            len(set(models)) == len(models) and ("models" not in item or models)
-        ):
+        models = item.get("models")
+        named = models is None or all(isinstance(m, str) and MODEL.fullmatch(m) for m in models)
+        if not named or models == [] or (models and len(set(models)) < len(models)):
             return (
                 f"{where}: models must be a list of model names as the router serves them "
                 f"(each once, 1 to 128 characters without spaces)"
