@@ -100,6 +100,8 @@ def health():
         backends.append({"name": backend.name, "url": backend.upstream.base_url, "status": status})
         if backend.model is not None:
             backends[-1]["model"] = backend.model
+        if backend.router:
+            backends[-1]["router"] = True  # its models are backends of their own
         if detail:
             backends[-1]["detail"] = detail
     # A router's model that it unloaded: the router answers, and loads it when asked.

@@ -3,7 +3,9 @@
 The app factory builds one for each configured llama-server, in a Pool (pool.py).
 """
 
+import dataclasses
 import logging
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from urllib.parse import urlsplit
@@ -12,6 +14,7 @@ import gevent
 from flask import current_app
 
 from .caches import SavedCaches
+from .config import folder_name
 from .errors import UpstreamTimeout
 from .evaluator import Evaluator
 from .gate import Gate
@@ -116,8 +119,14 @@ class Backend:
     I/O: create_app() reads its files (open()), its warmer reaches it."""
 
     def __init__(self, settings, spec, catalog, metrics):
+        self.settings, self.spec = settings, spec  # to make a router's units (discover)
         self.name = spec.name
         self.model = spec.model  # of a router's models, or None
+        # A configured llama-server found to be a router, its models not named: it is not
+        # a unit itself, bioproxy makes one of each model it lists (discover()).
+        self.router = False
+        self.listed = None  # the models it listed last, as the log last said
+        self.pool = None  # the Pool it is in, which takes the units it makes
         self.upstream = upstream(settings, spec.url, spec.api_key, spec.model)
         self.metrics = metrics
         self.catalog = catalog
@@ -178,8 +187,42 @@ class Backend:
 
     def up(self):
         """Whether routing sends requests here: the last look reached llama-server, and no
-        request has failed to reach it since."""
-        return self.slots.table.reachable and self.failures == 0
+        request has failed to reach it since (never a router: its units take them)."""
+        return self.slots.table.reachable and self.failures == 0 and not self.router
+
+    def discover(self):
+        """This llama-server is a router and no models were named for it: a unit of each
+        model it lists (GET /models), named NAME/MODEL, joins the pool, as if named in
+        the backends entry's models. Looked at again at each of its warmer's passes: a
+        model added to the router becomes a unit then (one it no longer lists stays,
+        out of routing, until bioproxy restarts)."""
+        if not self.router:
+            self.router = True  # out of routing from now (up())
+            log.info("backend %s is a router: each model it lists becomes a backend", self.name)
+        try:
+            models = self.upstream.call("GET", "/models", timeout=self.health_timeout)["data"]
+            listed = sorted(m["id"] for m in models)
+        except (BackendError, KeyError, TypeError) as e:
+            log.warning("backend %s: cannot read the router's models: %s", self.name, e)
+            return
+        if listed != self.listed:
+            self.listed = listed
+            log.info("backend %s lists the models: %s", self.name, ", ".join(listed) or "none")
+        for model in listed:
+            if f"{self.name}/{model}" not in self.pool.by_name:
+                self.pool.add(self.unit(model))
+
+    def unit(self, model):
+        """A Backend for one of this router's models, as a backends entry naming it makes."""
+        name = f"{self.name}/{model}"
+        folder = os.path.join(self.settings.paths.state_dir, "backends", folder_name(name))
+        spec = dataclasses.replace(self.spec, name=name, model=model, state_dir=folder)
+        unit = Backend(self.settings, spec, self.catalog, self.metrics)
+        unit.open()
+        for entry in self.catalog:  # read already: its warmer warms (or restores) them
+            if entry.template is not None:
+                unit.warmth[entry.prefix].mark_stale()
+        return unit
 
     def unreachable(self):
         """A request could not reach llama-server: out of routing until a look does."""
@@ -265,12 +308,14 @@ class Backend:
         another model than the template names, always, or when warm_backends names fewer
         backends than serve the model, if pool.serving picks it."""
         model = self.catalog[prefix].model
-        if model is not None and self.model is not None and model != self.model:
+        if self.router or (model is not None and self.model is not None and model != self.model):
             return False
         count = self.warm_backends
         if not count:
             return True
-        siblings = [b for b in self.siblings if model is None or b.model in (None, model)]
+        siblings = [
+            b for b in self.siblings if not b.router and (model is None or b.model in (None, model))
+        ]
         return count >= len(siblings) or self in serving(siblings, prefix, count)
 
     def open(self):
@@ -446,6 +491,8 @@ class Backend:
             "name": self.name,
             "url": self.upstream.base_url,
             "model": self.model,
+            "router": self.router,
+            **({"models": self.listed} if self.router else {}),
             "up": self.up(),
             "joining": self.joining,
             **self.seen(),

@@ -27,6 +27,9 @@ class Lease:
         self.variant = variant  # the template's variant it uses (see variants.py), or None
         self.cache = cache  # expected: "slot", "restored" or "cold" (X-Bioproxy-Cache)
         self.outcome = cache  # as measured by the answer's timings, once it has ended
+        # Seconds it waited for its slot (bioproxy's queue), then for the slot to be made
+        # ready (a restore, a variant's head): the access log's queued= and ready=.
+        self.queued = self.readied = 0.0
         self.ended = False
 
     @property

@@ -44,8 +44,29 @@ class Pool:
         self.turn = itertools.count()
         # Whether some backend has an API key of its own (a client's is not passed on).
         self.keyed = any(backend.upstream.auth for backend in self.backends)
+        self.started = False
         for backend in self.backends:
             backend.siblings = self.backends
+            backend.pool = self
+
+    def add(self, backend):
+        """A backend found once bioproxy runs: a router's unit (Backend.discover)."""
+        self.backends.append(backend)
+        self.by_name[backend.name] = backend
+        backend.siblings = self.backends
+        backend.pool = self
+        if self.started:
+            backend.start()
+
+    def start(self):
+        """In the worker: every backend's warmer and health checks (backend.start)."""
+        self.started = True
+        for backend in list(self.backends):
+            backend.start()
+
+    def stop(self):
+        for backend in self.backends:
+            backend.stop()
 
     def __iter__(self):
         return iter(self.backends)
@@ -55,16 +76,24 @@ class Pool:
 
     @property
     def first(self):
-        return self.backends[0]
+        """The first backend requests can go to (the configured first, unless it is a
+        router bioproxy made units of)."""
+        return self.units()[0]
+
+    def units(self):
+        """The backends requests go to: all but the routers bioproxy made units of (all,
+        while it has made none: requests then go to the router, unscheduled)."""
+        return [backend for backend in self.backends if not backend.router] or self.backends
 
     def of_model(self, model):
         """The backends that serve a model: a router's units of that model, and every
         llama-server not in router mode (it serves the one it was started with, whatever
         a request names). All of them when none does (llama.cpp then says what is wrong)."""
-        if model is None or all(backend.model is None for backend in self.backends):
-            return self.backends
-        matching = [b for b in self.backends if b.model is None or b.model == model]
-        return matching or self.backends
+        units = self.units()
+        if model is None or all(backend.model is None for backend in units):
+            return units
+        matching = [b for b in units if b.model is None or b.model == model]
+        return matching or units
 
     def candidates(self, model=None):
         """The backends routing may use for a model: those up, or all of them when none is

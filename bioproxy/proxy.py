@@ -84,14 +84,18 @@ def track_until_closed(response):
         duration_ms = (time.monotonic() - started) * 1000
         # The cache as measured: the lease ended (its answer's body closed) before this.
         cache = lease.outcome if template else "-"
+        waits = "queued=- ready=-"
+        if lease is not None:
+            waits = f"queued={lease.queued * 1000:.1f}ms ready={lease.readied * 1000:.1f}ms"
         access_log.info(
-            "%s %s %s %d %.1fms template=%s cache=%s backend=%s",
+            "%s %s %s %d %.1fms template=%s cache=%s backend=%s %s",
             *line,
             status,
             duration_ms,
             template or "-",
             cache,
             backend,
+            waits,
         )
 
     response.call_on_close(done)
@@ -206,9 +210,9 @@ def requested_model(body, match, catalog):
 
 def templated_response(response, lease):
     """The response, with what bioproxy did for its template (if any) in its headers."""
+    g.lease = lease  # for the access log and the time to first token
     if lease.entry is not None:
         prefix = lease.entry.prefix
-        g.lease = lease  # for the access log and the time to first token
         # Header values are latin-1: a prefix beyond ASCII goes percent-encoded.
         response.headers["X-Bioproxy-Template"] = quote(prefix, safe=string.punctuation)
         response.headers["X-Bioproxy-Cache"] = lease.cache

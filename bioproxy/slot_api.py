@@ -22,6 +22,10 @@ class SlotFileRejected(BackendError):
     """400: llama-server cannot use the file (missing, corrupt, from another build)."""
 
 
+class IsRouter(BackendError):
+    """GET /props says role "router": llama-server in router mode, its models behind it."""
+
+
 class SlotBusy(BackendError):
     """The action did not end in time: llama-server runs it only once the slot is idle."""
 
@@ -38,11 +42,7 @@ class SlotApi:
         props = self.upstream.call("GET", "/props", timeout=self.timeout)
         if isinstance(props, dict) and props.get("role") == "router":
             # Its own /props: it would answer /slots 400, "model name is missing".
-            raise BackendError(
-                "GET /props",
-                "this llama-server is a router (several models): list the models whose "
-                "templates bioproxy keeps warm in its backends entry's models",
-            )
+            raise IsRouter("GET /props", "this llama-server is a router (several models)")
         slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
         return props, slots
 

@@ -1,6 +1,7 @@
 """Serving a request that uses a slot: its place in the queue, its slot, a template's cache."""
 
 import logging
+import time
 from contextlib import nullcontext
 
 from . import injection
@@ -68,6 +69,7 @@ def forward(backend, raw, body, expansion, send, watch=None):
     """
     ticket = _ticket(backend.slots.table, body, expansion)
     lease = None
+    arrived = time.monotonic()
     try:
         with watch.guard() if watch else nullcontext():
             if ticket is not None and _evaluated_elsewhere_now(backend, expansion):
@@ -78,6 +80,7 @@ def forward(backend, raw, body, expansion, send, watch=None):
                 backend.evaluator.wait_for(expansion.entry.prefix, expansion.template, timeout)
             if ticket is not None:
                 backend.scheduler.acquire(ticket)
+            granted = time.monotonic()
             if expansion is None:
                 lease = Lease(backend, ticket)
             else:
@@ -85,6 +88,7 @@ def forward(backend, raw, body, expansion, send, watch=None):
                 found = expansion.found
                 lease = Lease(backend, ticket, expansion.entry, expansion.template, found.variant)
                 lease.cache = lease.outcome = _made_ready(backend, ticket, expansion)
+            lease.queued, lease.readied = granted - arrived, time.monotonic() - granted
             data = expansion.data if expansion else raw
             if expansion is not None:
                 data = _with_model(data, body, backend.model)

@@ -13,6 +13,7 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Pool
 
+from .slot_api import IsRouter
 from .upstream import BackendError
 from .warmth import State
 from .warmup import Warmups
@@ -101,6 +102,9 @@ class Warmer:
         released = backend.scheduler.releases
         try:
             restarted = backend.slots.refresh()
+        except IsRouter:
+            backend.discover()  # its models become backends of their own
+            return
         except BackendError as e:
             if not self.backend_was_down:
                 log.warning("llama-server is not ready, warmups wait: %s", e)

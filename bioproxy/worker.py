@@ -88,14 +88,12 @@ def start(worker):
     # The greenlet that watches the templates and keeps them warm, stopped as soon as the
     # worker is told to go (SIGTERM, or a reload): it must not start work it cannot
     # finish, nor overlap with the next worker's warmups.
-    for backend in state.pool:
-        backend.start()
+    state.pool.start()
 
     def stop_warmers_when_told():
         while worker.alive:
             gevent.sleep(0.2)
-        for backend in state.pool:
-            backend.stop()
+        state.pool.stop()
 
     gevent.spawn(stop_warmers_when_told)
 

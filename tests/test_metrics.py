@@ -131,7 +131,9 @@ def test_a_stream_records_its_time_to_first_token_and_is_logged(client, admin, c
     assert first[("bioproxy_time_to_first_token_seconds_count", (("template", ""),))] == 1
     (line,) = [r.getMessage() for r in caplog.records if r.name == "bioproxy.access"]
     assert re.fullmatch(
-        r"\S+ POST /completion 200 [\d.]+ms template=- cache=- backend=\S+", line
+        r"\S+ POST /completion 200 [\d.]+ms template=- cache=- backend=\S+"
+        r" queued=[\d.]+ms ready=[\d.]+ms",
+        line,
     ), line
 
 

@@ -9,7 +9,7 @@ from bioproxy import config
 from bioproxy.config import ConfigError
 from bioproxy.upstream import Upstream
 from tests.conftest import ADMIN_BASE, BACKEND
-from tests.fake_llama import FakeRouter
+from tests.fake_llama import FakeLlama, FakeRouter
 from tests.test_warmup import ask, templates_folder
 
 
@@ -153,14 +153,73 @@ def test_a_model_not_running_is_loaded_where_the_router_has_room(app, router):
     assert a.up() and a.warmth["@code"].state == "warm"
 
 
-def test_a_router_without_models_named_is_told_apart(make_app, isolated_config, router, caplog):
-    app = make_app(backends=[BACKEND], prefixes={"@review": "review.txt"})
+def test_a_router_without_models_named_makes_a_backend_of_each_model_it_lists(
+    make_app, isolated_config, router, caplog
+):
+    caplog.set_level("INFO")
     templates_folder(isolated_config)
-    (unit,) = units(app)
-    unit.warmer.check()
-    assert not unit.up()
+    app = make_app(
+        backend_url=BACKEND,
+        prefixes={"@code": {"file": "code.txt", "model": "a"}, "@review": "review.txt"},
+    )
+    pool = units(app)
+    (found,) = pool
+    found.warmer.check()
+    assert found.router and not found.up()
+    assert [b.name for b in pool] == ["llama.test:8081", "llama.test:8081/a", "llama.test:8081/b"]
+    assert router.calls == []  # nothing was asked of a model yet: each unit's warmer does
+    _, a, b = pool
+    assert pool.first is a and pool.of_model(None) == [a, b] and pool.of_model("b") == [b]
+    # Its own folder for each, as a backends entry naming the models makes.
+    assert a.caches.registry.path != b.caches.registry.path
+    assert a.caches.registry.path.endswith("backends/llama.test_8081_a/saved.json")
+    for unit in (a, b):
+        unit.warmer.check()
+    assert a.warmth["@code"].state == "warm" and b.state_of("@code") == "unserved"
+    assert b.warmth["@review"].state == "warm" and found.state_of("@review") == "unserved"
+    answer = ask(app.test_client(), "@code Why?")
+    assert answer.headers["X-Bioproxy-Backend"] == "llama.test:8081/a"
+    assert answer.headers["X-Bioproxy-Cache"] == "slot"
     status = app.test_client(base_url=ADMIN_BASE).get("/status").get_json()
-    assert status["backend_seen"]["reachable"] is False
-    assert router.calls == []
-    assert "this llama-server is a router" in caplog.text
-    assert "list the models" in caplog.text
+    shown = [(s["name"], s["router"], s.get("models"), s["up"]) for s in status["backends"]]
+    assert shown == [
+        ("llama.test:8081", True, ["a", "b"], False),
+        ("llama.test:8081/a", False, None, True),
+        ("llama.test:8081/b", False, None, True),
+    ]
+    assert "each model it lists becomes a backend" in caplog.text
+
+
+def test_a_model_the_router_lists_later_becomes_a_backend_at_the_next_look(
+    make_app, isolated_config, router
+):
+    templates_folder(isolated_config)
+    app = make_app(backends=[BACKEND], prefixes={"@review": "review.txt"})
+    pool = units(app)
+    pool.first.warmer.check()
+    assert [b.model for b in pool] == [None, "a", "b"]
+    router.models["c"] = FakeLlama(model="/models/c.gguf", base=BACKEND)
+    pool.backends[0].warmer.check()
+    pool.backends[0].warmer.check()  # once each
+    assert [b.model for b in pool] == [None, "a", "b", "c"]
+    c = pool.by_name["llama.test:8081/c"]
+    c.warmer.check()
+    assert c.warmth["@review"].state == "warm"
+
+
+def test_a_router_whose_models_cannot_be_read_takes_requests_itself(
+    make_app, isolated_config, router
+):
+    templates_folder(isolated_config)
+    app = make_app(backends=[BACKEND], prefixes={"@review": "review.txt"})
+    responses.replace("GET", f"{BACKEND}/models", status=500, json={"error": "boom"})
+    pool = units(app)
+    pool.first.warmer.check()
+    (found,) = pool
+    assert found.router and pool.of_model(None) == [found]
+    plain = app.test_client().post(
+        "/v1/chat/completions",
+        data=json.dumps({"model": "b", "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    assert plain.status_code == 200  # passed on as it came, for the router to place
+    assert router.models["b"].chats[-1]["messages"][0]["content"] == "Hi"

@@ -14,8 +14,9 @@ MODELS = ("coder", "writer")
 
 
 @contextlib.contextmanager
-def router(folder):
-    """llama-server in router mode: each model a server of its own, two slots each."""
+def router(folder, defaults=False):
+    """llama-server in router mode: each model a server of its own, two slots each (or,
+    with defaults, as users start it: --models-dir, --port and a slot folder only)."""
     models = folder / "models"
     models.mkdir(parents=True)
     for name in MODELS:  # two names, one file: two servers to the router
@@ -27,6 +28,7 @@ def router(folder):
         slot_save_path=str(folder / "slots"),
         log_path=str(folder / "router.log"),
         models_dir=str(models),
+        defaults=defaults,
     )
     try:
         with server:
@@ -119,3 +121,46 @@ def test_each_model_of_a_router_is_warmed_and_served_warm_and_warmed_again(tmp_p
             name, cache, answer = ask(proxy, "@code And why not?")
             assert (name, cache) == ("router/coder", "slot"), answer
             assert answer["timings"]["prompt_n"] < 40, answer["timings"]
+
+
+def test_a_router_named_without_its_models_has_each_found_warmed_and_served_warm(tmp_path):
+    with router(tmp_path / "llama", defaults=True) as llama:
+        work, config = examples_workdir(tmp_path / "proxy", health_check_interval=0.5)
+        config["prefixes"]["@code"] = {"file": config["prefixes"]["@code"], "model": "coder"}
+        config["backend_url"] = llama.url  # as for one llama-server: no models named
+        config["slot_save_path"] = llama.slot_save_path
+        name = f"127.0.0.1:{llama.port}"
+        with Bioproxy(None, work, config) as proxy:
+
+            def found_and_warm():
+                units = shown(proxy)
+                coder, writer = units.get(f"{name}/coder"), units.get(f"{name}/writer")
+                return (
+                    coder is not None
+                    and writer is not None
+                    and coder == (True, {"@code": "warm", "@review": "warm"})
+                    and writer == (True, {"@code": "unserved", "@review": "warm"})
+                )
+
+            wait_until(
+                found_and_warm,
+                timeout=300,
+                what="both models found and warm",
+                describe=lambda: str(shown(proxy)),
+            )
+            status = requests.get(proxy.admin_url + "/status", timeout=10).json()
+            found = status["backends"][0]
+            assert (found["name"], found["router"], found["up"]) == (name, True, False)
+            assert found["models"] == sorted(MODELS)
+
+            for text, model, unit in (
+                ("@code Why?", None, "coder"),
+                ("@review x = 1", "writer", "writer"),
+            ):
+                extra = {"model": model} if model else {}
+                backend, cache, answer = ask(proxy, text, **extra)
+                # Restored before the request: a router's models, started with llama.cpp's
+                # defaults, clear their idle slots (a unified KV cache).
+                assert backend == f"{name}/{unit}" and cache in ("slot", "restored"), answer
+                assert answer["timings"]["prompt_n"] < 40, answer["timings"]
+                assert answer["model"] == unit
