@@ -15,7 +15,7 @@ from flask import current_app
 
 from .caches import SavedCaches
 from .config import folder_name
-from .errors import UpstreamTimeout
+from .errors import BackendStalled, UpstreamTimeout
 from .evaluator import Evaluator
 from .gate import Gate
 from .hold import Hold
@@ -403,14 +403,15 @@ class Backend:
     def awaiting(self):
         """While a request waits for llama-server's response and its first chunk: one that
         waits longer than health_timeout once its /health stops answering gets a
-        BackendHung here (cut_stalled), a clean error for its client."""
+        BackendHung here (cut_stalled), raised as BackendStalled: sent to another backend,
+        or a clean error for its client."""
         me = gevent.getcurrent()
         self.heads[me] = time.monotonic()
         try:
             yield
         except BackendHung as e:
             self.metrics.upstream_errors.labels(UpstreamTimeout.code).inc()
-            raise UpstreamTimeout(str(e)) from None
+            raise BackendStalled(str(e)) from None
         finally:
             self.heads.pop(me, None)
 

@@ -130,6 +130,12 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
+class BackendStalled(UpstreamTimeout):
+    """A llama-server stopped answering (its /health) before its response to this request
+    started: nothing reached the client, so it goes to another backend that is up
+    (proxy.tried), or is this 504 when none is."""
+
+
 class UpstreamCut(ConnectionResetError):
     """llama.cpp failed after the response started; the client connection must be dropped.
 

@@ -15,6 +15,7 @@ from . import headers as header_rules
 from .body import AnswerBody
 from .client_watch import ClientWatch
 from .errors import (
+    BackendStalled,
     BadRequest,
     RequestTimeout,
     RequestTooLarge,
@@ -195,6 +196,14 @@ def tried(pool, expansion, serve, model=None):
             if all(b in failed for b in pool.of_model(model)):
                 raise
             log.warning("backend %s unreachable, sending to another: %s", backend.name, e)
+            continue
+        except BackendStalled as e:
+            # Sent, but nothing came back, nor went to the client: once more, elsewhere.
+            # (The silent server may still run it when it wakes: its answer is dropped.)
+            failed.append(backend)
+            if not any(b.up() for b in pool.of_model(model) if b not in failed):
+                raise
+            log.warning("backend %s stalled, sending its request to another: %s", backend.name, e)
             continue
         response.headers["X-Bioproxy-Backend"] = backend.name
         return response

@@ -11,6 +11,7 @@ import responses
 import urllib3
 
 from bioproxy import config
+from bioproxy.backend import BackendHung
 from bioproxy.config import ConfigError
 from bioproxy.errors import UpstreamTimeout
 from bioproxy.pool import serving
@@ -388,3 +389,43 @@ def test_a_request_waiting_for_a_silent_backend_gets_a_clean_error(app):
     with pytest.raises(UpstreamTimeout, match="stopped answering"):
         waiting.get(timeout=5)
     assert one.heads == {}
+
+
+def stalls(backend, calls):
+    """backend's chat answers never start: its health check finds it silent meanwhile."""
+
+    def hangs(request):
+        calls.append(request)
+        backend.unreachable()
+        raise BackendHung(f"llama-server {backend.name} stopped answering")
+
+    url = f"{backend.upstream.base_url}/v1/chat/completions"
+    responses.remove("POST", url)
+    responses.add_callback("POST", url, hangs)
+
+
+def test_a_request_whose_backend_stalls_before_answering_goes_to_another(app):
+    one, two = pool(app)
+    for backend in (one, two):
+        backend.warmer.check()
+    calls = []
+    stalls(one, calls)
+    client = app.test_client()
+    answers = [ask(client, "@code Why?") for _ in range(2)]  # one of them routed to one
+    assert [a.status_code for a in answers] == [200, 200]
+    assert [a.headers["X-Bioproxy-Backend"] for a in answers] == ["two", "two"]
+    assert len(calls) == 1
+    # Its slot there stays taken until a look sees it idle: the server may run it yet.
+    assert one.scheduler.users_waiting() == 0 and len(one.scheduler.free_slots()) == 1
+
+
+def test_a_request_whose_backend_stalls_with_no_other_up_gets_a_clean_error(app):
+    one, two = pool(app)
+    one.warmer.check()
+    two.unreachable()
+    calls = []
+    stalls(one, calls)
+    answer = ask(app.test_client(), "@code Why?")
+    assert answer.status_code == 504, answer.get_data()
+    assert answer.get_json()["error"]["code"] == "upstream_timeout"
+    assert len(calls) == 1
