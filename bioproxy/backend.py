@@ -126,6 +126,7 @@ class Backend:
         # a unit itself, bioproxy makes one of each model it lists (discover()).
         self.router = False
         self.listed = None  # the models it listed last, as the log last said
+        self.aliases = ()  # other names of its model, as the router lists them
         self.pool = None  # the Pool it is in, which takes the units it makes
         self.upstream = upstream(settings, spec.url, spec.api_key, spec.model)
         self.metrics = metrics
@@ -201,16 +202,25 @@ class Backend:
             log.info("backend %s is a router: each model it lists becomes a backend", self.name)
         try:
             models = self.upstream.call("GET", "/models", timeout=self.health_timeout)["data"]
-            listed = sorted(m["id"] for m in models)
+            aliases = {m["id"]: tuple(m.get("aliases") or ()) for m in models}
         except (BackendError, KeyError, TypeError) as e:
             log.warning("backend %s: cannot read the router's models: %s", self.name, e)
             return
+        listed = sorted(aliases)
         if listed != self.listed:
             self.listed = listed
             log.info("backend %s lists the models: %s", self.name, ", ".join(listed) or "none")
         for model in listed:
-            if f"{self.name}/{model}" not in self.pool.by_name:
-                self.pool.add(self.unit(model))
+            unit = self.pool.by_name.get(f"{self.name}/{model}")
+            if unit is None:
+                unit = self.unit(model)
+                self.pool.add(unit)
+            unit.aliases = aliases[model]
+
+    def named(self, model):
+        """Whether a request naming this model is for this backend: its model's id or one
+        of its aliases (a llama-server not in router mode serves whatever is named)."""
+        return self.model is None or model == self.model or model in self.aliases
 
     def unit(self, model):
         """A Backend for one of this router's models, as a backends entry naming it makes."""
@@ -252,6 +262,8 @@ class Backend:
         running = sum(1 for state in states.values() if state in RUNNING)
         for m in models:  # a model's aliases name it too
             states.update(dict.fromkeys(m.get("aliases") or [], states[m.get("id")]))
+            if m.get("id") == self.model:
+                self.aliases = tuple(m.get("aliases") or ())
         if self.model not in states:
             if self.told_missing != sorted(states):
                 self.told_missing = sorted(states)

@@ -92,7 +92,7 @@ class Pool:
         units = self.units()
         if model is None or all(backend.model is None for backend in units):
             return units
-        matching = [b for b in units if b.model is None or b.model == model]
+        matching = [b for b in units if b.named(model)]
         return matching or units
 
     def candidates(self, model=None):

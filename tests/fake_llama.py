@@ -243,6 +243,7 @@ class FakeRouter:
         self.unloaded = set()  # models it does not run now
         self.calls = []  # (method, path, model, autoload) of each call that named a model
         self.loads = []  # the models POST /models/load asked for
+        self.aliases = {}  # model -> its other names (--alias, a preset's aliases)
 
     def install(self):
         for (method, path), handler in ROUTED.items():
@@ -258,7 +259,7 @@ class FakeRouter:
         data = [
             {
                 "id": name,
-                "aliases": [],
+                "aliases": self.aliases.get(name, []),
                 "status": {"value": "unloaded" if name in self.unloaded else "loaded"},
             }
             for name in self.models
@@ -286,6 +287,7 @@ class FakeRouter:
                 return FakeLlama._json(400, {"error": {"message": "model name is missing"}})
             autoload = query.get("autoload", ["true"])[0]
             self.calls.append((request.method, url.path, model, autoload))
+            model = next((m for m, names in self.aliases.items() if model in names), model)
             if model not in self.models:
                 return FakeLlama._json(400, {"error": {"message": f"model '{model}' not found"}})
             if model in self.unloaded:

@@ -223,3 +223,20 @@ def test_a_router_whose_models_cannot_be_read_takes_requests_itself(
     )
     assert plain.status_code == 200  # passed on as it came, for the router to place
     assert router.models["b"].chats[-1]["messages"][0]["content"] == "Hi"
+
+
+def test_a_request_naming_a_models_alias_goes_to_that_models_backend(
+    make_app, isolated_config, router
+):
+    templates_folder(isolated_config)
+    router.aliases["b"] = ["bee"]
+    app = make_app(backends=[BACKEND], prefixes={"@review": "review.txt"})
+    pool = units(app)
+    pool.first.warmer.check()
+    _, a, b = pool
+    assert pool.of_model("bee") == [b] and pool.of_model("b") == [b]
+    for unit in (a, b):
+        unit.warmer.check()
+    answer = ask(app.test_client(), "@review x = 1", model="bee")
+    assert answer.headers["X-Bioproxy-Backend"] == "llama.test:8081/b"
+    assert answer.headers["X-Bioproxy-Cache"] == "slot"
