@@ -8,7 +8,7 @@ what bioproxy knows of each now:
 - the wait for a slot there: none when one is free, else the average time a user holds a
   slot there times the users ahead of it, over its slots;
 - then, for a templated request, what it takes to have the template in that slot: nothing
-  where a slot holds it, a restore where its cache is saved (milliseconds), else an
+  where a free slot holds it, a restore where its cache is saved (milliseconds), else an
   evaluation of the template (as long as its last warmup took).
 
 So a templated request goes where its template is warm, and spills over to another
@@ -169,9 +169,11 @@ def wait_seconds(backend):
 
 
 def prepare_seconds(backend, entry, template, evaluation):
-    """What having the template in a slot there would take: held, saved, or evaluated."""
+    """What having the template in a slot there would take: held in a free slot, saved,
+    or evaluated. A slot that holds it but is busy is no better than a restore into
+    another: concurrent requests of one template spread over the backends that have it."""
     table = backend.slots.table
-    if any(table.whole(slot) == entry.prefix for slot in range(table.count)):
+    if any(table.whole(slot) == entry.prefix for slot in backend.scheduler.free_slots()):
         return 0.0
     if template is not None and backend.caches.find(entry.prefix, template) is not None:
         return RESTORE_SECONDS

@@ -125,6 +125,18 @@ def test_a_templated_request_goes_to_the_backend_that_holds_its_template(app, ll
     assert llamas[0].chats == []
 
 
+def test_a_template_busy_in_its_slot_on_one_backend_goes_where_a_free_slot_holds_it(app):
+    one, two = pool(app)
+    for backend in (one, two):
+        backend.warmer.check()  # @code in slot 0 of each, @review in slot 1
+    entry = app.extensions["bioproxy"].catalog["@code"]
+    ticket = Ticket(USER, "@code")
+    one.scheduler.acquire(ticket)
+    assert ticket.slot == 0 and one.scheduler.free_slots() == [1]
+    # one would restore it into its other slot: two has it ready.
+    assert {pool(app).route(entry, entry.template).name for _ in range(4)} == {"two"}
+
+
 def test_it_spills_over_where_waiting_would_cost_more_than_warming(app):
     one, two = pool(app)
     one.slots.refresh()
