@@ -58,7 +58,7 @@ class PassthroughResponse(Response):
 @bp.before_request
 def start_tracking():
     g.started = time.monotonic()
-    g.user, g.lease, g.backend = None, None, None  # forward() sets them
+    g.user, g.lease, g.backend, g.waits = None, None, None, None  # forward() sets them
     state = get_state()
     state.metrics.in_flight.inc()
     if state.settings.api_key:
@@ -71,6 +71,10 @@ def track_until_closed(response):
     metrics = get_state().metrics
     line = (request.remote_addr, request.method, endpoints.request_target(request.environ))
     status, started, user, lease = response.status_code, g.started, g.user, g.lease
+    waits = "queued=- ready=-"
+    if g.waits is not None:
+        queued, readied = g.waits
+        waits = f"queued={queued * 1000:.1f}ms ready={readied * 1000:.1f}ms"
     backend = g.backend.name if g.backend is not None else "-"
     if g.backend is not None:
         metrics.backend_requests.labels(backend).inc()
@@ -85,9 +89,6 @@ def track_until_closed(response):
         duration_ms = (time.monotonic() - started) * 1000
         # The cache as measured: the lease ended (its answer's body closed) before this.
         cache = lease.outcome if template else "-"
-        waits = "queued=- ready=-"
-        if lease is not None:
-            waits = f"queued={lease.queued * 1000:.1f}ms ready={lease.readied * 1000:.1f}ms"
         access_log.info(
             "%s %s %s %d %.1fms template=%s cache=%s backend=%s %s",
             *line,
@@ -219,8 +220,11 @@ def requested_model(body, match, catalog):
 
 def templated_response(response, lease):
     """The response, with what bioproxy did for its template (if any) in its headers."""
-    g.lease = lease  # for the access log and the time to first token
+    # For the access log: the waits only (holding a plain request's lease there would
+    # keep its answer's socket open until the garbage collector breaks the cycle).
+    g.waits = (lease.queued, lease.readied)
     if lease.entry is not None:
+        g.lease = lease  # for the access log and the time to first token
         prefix = lease.entry.prefix
         # Header values are latin-1: a prefix beyond ASCII goes percent-encoded.
         response.headers["X-Bioproxy-Template"] = quote(prefix, safe=string.punctuation)
