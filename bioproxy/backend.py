@@ -5,7 +5,6 @@ The app factory builds one for each configured llama-server, in a Pool (pool.py)
 
 import dataclasses
 import logging
-import os
 import time
 from contextlib import contextmanager, nullcontext
 from urllib.parse import urlsplit
@@ -14,7 +13,7 @@ import gevent
 from flask import current_app
 
 from .caches import SavedCaches
-from .config import folder_name
+from .config import backend_state_dir
 from .errors import BackendStalled, UpstreamTimeout
 from .evaluator import Evaluator
 from .gate import Gate
@@ -225,7 +224,7 @@ class Backend:
     def unit(self, model):
         """A Backend for one of this router's models, as a backends entry naming it makes."""
         name = f"{self.name}/{model}"
-        folder = os.path.join(self.settings.paths.state_dir, "backends", folder_name(name))
+        folder = backend_state_dir(self.settings.paths.state_dir, name)
         spec = dataclasses.replace(self.spec, name=name, model=model, state_dir=folder)
         unit = Backend(self.settings, spec, self.catalog, self.metrics)
         unit.open()

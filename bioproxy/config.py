@@ -134,9 +134,7 @@ class Settings:
                 )
         if len(specs) > 1:
             specs = [
-                dataclasses.replace(
-                    spec, state_dir=os.path.join(spec.state_dir, "backends", folder_name(spec.name))
-                )
+                dataclasses.replace(spec, state_dir=backend_state_dir(spec.state_dir, spec.name))
                 for spec in specs
             ]
         return specs
@@ -175,6 +173,11 @@ def template_file(value):
     if isinstance(value, dict):
         return value["file"], value.get("model")
     return value, None
+
+
+def backend_state_dir(state_dir, name):
+    """Where one of several backends keeps its record: state_dir/backends/NAME."""
+    return os.path.join(state_dir, "backends", folder_name(name))
 
 
 def folder_name(name):
