@@ -129,7 +129,10 @@ def snapshot(driver):
 
 def open_page(driver, server, refreshes=1):
     """Load the status page and wait until it has shown fresh data `refreshes` times."""
-    driver.get_log("browser")  # start from an empty console log
+    # Leave the page a test before may have left polling (a gunicorn since stopped), then
+    # start from an empty console log: its last failed fetches must not count here.
+    driver.get("about:blank")
+    driver.get_log("browser")
     driver.get(server.admin_url + "/")
     WebDriverWait(driver, WAIT).until(
         lambda d: snapshot(d)["refreshes"] >= refreshes, "the status page never showed data"
