@@ -8,26 +8,43 @@ def first_content_timed(chunks, started, metrics, template):
     """A streamed body that records its time to first token at its first generated content.
 
     Not at its first chunk: llama-server's web UI asks for progress events
-    (`return_progress`), and those come, empty, long before the first token.
+    (`return_progress`), and those come, empty, long before the first token. Each chunk is
+    looked into once it is on its way (the server asks for the next one, or closes the
+    body): the client's first token waits for nothing here.
     """
-    timed, pending = False, b""
+    scan = ContentScan(started, metrics, template)
     try:
         for chunk in chunks:
-            if not timed:
-                pending += chunk
-                events = pending.split(b"\n\n")
-                pending = events.pop()  # a part of an event yet to come
-                if any(map(has_content, events)):
-                    seconds = time.monotonic() - started
-                    metrics.first_token.labels(template).observe(seconds)
-                    metrics.recent_first_tokens.add(seconds, "templated" if template else "plain")
-                    timed, pending = True, b""
-                elif len(pending) > CONTENT_SCAN_BYTES:
-                    timed, pending = True, b""  # not an SSE stream of llama-server's: not timed
-            yield chunk
+            try:
+                yield chunk
+            finally:
+                scan.add(chunk)
     finally:
         if hasattr(chunks, "close"):
             chunks.close()
+
+
+class ContentScan:
+    """Reads a stream's events until one carries generated content, and times it then."""
+
+    def __init__(self, started, metrics, template):
+        self.started, self.metrics, self.template = started, metrics, template
+        self.done, self.pending = False, b""
+
+    def add(self, chunk):
+        if self.done:
+            return
+        self.pending += chunk
+        events = self.pending.split(b"\n\n")
+        self.pending = events.pop()  # a part of an event yet to come
+        if any(map(has_content, events)):
+            seconds = time.monotonic() - self.started
+            self.metrics.first_token.labels(self.template).observe(seconds)
+            kind = "templated" if self.template else "plain"
+            self.metrics.recent_first_tokens.add(seconds, kind)
+            self.done, self.pending = True, b""
+        elif len(self.pending) > CONTENT_SCAN_BYTES:
+            self.done, self.pending = True, b""  # not an SSE stream of llama-server's: not timed
 
 
 CONTENT_SCAN_BYTES = 64 * 1024

@@ -138,7 +138,7 @@ def forward(path):
     if not endpoints.is_slotted(request.method, path):
         # Not read: llama.cpp gets it as it came.
         def passed(backend):
-            return respond(send(backend, state, target, headers, body))
+            return send(backend, state, target, headers, body)
 
         return tried(pool, None, passed)
     # It evaluates a prompt: it waits for a slot of its own, so bioproxy reads it.
@@ -168,12 +168,12 @@ def forward(path):
             return send(backend, state, target, headers, data, lease)
 
         try:
-            answer = templated.forward(backend, body, parsed, expansion, sent, watch)
+            response = templated.forward(backend, body, parsed, expansion, sent, watch)
         except BaseException:
             g.user = None
             backend.gate.user_finished()
             raise
-        return templated_response(respond(answer), answer.lease)
+        return templated_response(response, response.response.lease)
 
     return tried(pool, reuses, serve, model=requested_model(parsed, match, state.catalog))
 
@@ -235,14 +235,18 @@ def templated_response(response, lease):
 
 
 def send(backend, state, target, headers, data, lease=None):
-    """llama.cpp's answer body to data, its first chunk read (see AnswerBody.start).
-    lease: a request for a slot, whose prompt the warmup llama-server stays out of."""
+    """The response to the client: llama.cpp's answer to data, its first chunk read (see
+    AnswerBody.start). lease: a request for a slot, whose prompt the warmup llama-server
+    stays out of."""
     with backend.user_waiting() if lease is not None else nullcontext(), backend.awaiting():
         answer = send_upstream(backend, state.metrics, request.method, target, headers, data)
         body = AnswerBody(answer, state.metrics, lease)
         backend.answering(body)
+        # Built while llama-server reads the prompt (it sends its head at once, and its
+        # first chunk with the first token): what is left after that chunk is less.
+        response = respond(body)
         body.start()
-    return body
+    return response
 
 
 def send_upstream(backend, metrics, method, target, headers, body):
@@ -255,11 +259,11 @@ def send_upstream(backend, metrics, method, target, headers, body):
 
 
 def respond(body):
-    """A response that streams llama.cpp's answer back as it arrives, from its body started.
+    """A response that streams llama.cpp's answer back as it arrives, from its body.
 
-    The first chunk is read before the response starts: gunicorn sends the headers only
-    with it anyway, and a failure there can still be answered with a clear error instead
-    of a connection closed without a response.
+    Its first chunk is read (send) before the response starts: gunicorn sends the headers
+    only with it anyway, and a failure there can still be answered with a clear error
+    instead of a connection closed without a response.
     """
     try:
         response = PassthroughResponse(

@@ -64,7 +64,7 @@ def forward(backend, raw, body, expansion, send, watch=None):
     one goes, expanded, to a slot that holds its cache when one can. raw is the body as
     the client sent it, body that parsed, and expansion its template expanded (or None),
     placed (Expansion.place). send(data, lease) sends a body to llama.cpp and returns
-    its answer's body, started (its first chunk read), which ends the lease once closed.
+    the response to the client, its answer's first chunk read; closed, it ends the lease.
     watch, a ClientWatch, ends the request if its client leaves before the answer starts.
     """
     ticket = _ticket(backend.slots.table, body, expansion)
