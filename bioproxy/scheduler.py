@@ -22,7 +22,8 @@ traffic, through invariants()):
    Except for patience: a templated ticket whose template a busy slot holds may wait up
    to PATIENCE s for it instead of evicting another template, keeping the free slot it
    would take from the tickets behind it; its own acquire() dispatches when that ends.
-5. At most max_queue users wait, however many warmups do.
+5. At most max_queue users wait, however many warmups do: in the queue, and aside
+   (wait_aside: before they join it, for their template's evaluation elsewhere).
 6. release() gives a slot back once: a second call for the same ticket does nothing.
 """
 
@@ -76,6 +77,7 @@ class Scheduler:
         self.released = {}  # slot -> the value of releases when it was last released
         self.used = {}  # slot -> clock time it was last granted
         self.queue = []  # waiting Tickets, served by (priority, arrival)
+        self.aside = []  # user Tickets waiting before they join the queue (wait_aside)
         self.arrivals = itertools.count()
         self.hold_seconds = None  # moving average of how long a slot is held
         self.on_drain = None  # called when a slot is given back with work still under way
@@ -88,10 +90,10 @@ class Scheduler:
 
     def submit(self, ticket):
         """Grant a slot now, queue the ticket, or refuse it (outcome FULL)."""
-        if ticket.arrived is None:  # set earlier when it waited before (templated.py)
+        if ticket.arrived is None:  # set earlier when it waited aside (wait_aside)
             ticket.arrived = self.clock()
         ticket.order = next(self.arrivals)
-        waiting = sum(1 for t in self.queue if t.priority == USER)
+        waiting = self.users_waiting()
         free = self._free()
         runs_now = bool(free) and self._best(ticket, free) is not None
         full = ticket.priority == USER and waiting >= self.max_queue
@@ -228,7 +230,8 @@ class Scheduler:
         return self._free()
 
     def users_waiting(self):
-        return sum(1 for t in self.queue if t.priority == USER)
+        """User requests waiting: in the queue, and aside before they join it."""
+        return sum(1 for t in self.queue if t.priority == USER) + len(self.aside)
 
     def update_foreign(self, released_before=None):
         """After a refresh of the slots: which are busy without bioproxy knowing why.
@@ -280,8 +283,7 @@ class Scheduler:
     def _update_gauges(self):
         if self.metrics is None:
             return
-        waiting = sum(1 for t in self.queue if t.priority == USER)
-        self.metrics.queue_length.labels(self.name).set(waiting)
+        self.metrics.queue_length.labels(self.name).set(self.users_waiting())
         counts = {}
         for slot in range(self.slots.count):
             state = "busy" if slot in self.busy or slot in self.foreign else "idle"
@@ -306,7 +308,7 @@ class Scheduler:
             broken.append("3: the queue holds a ticket not queued, or is out of order")
         if self._plan():
             broken.append("4: a ticket waits while a free slot would take it")
-        if sum(1 for t in self.queue if t.priority == USER) > self.max_queue:
+        if self.users_waiting() > self.max_queue:
             broken.append("5: more users wait than max_queue")
         return broken
 
@@ -314,8 +316,24 @@ class Scheduler:
         """Seconds a refused client should wait before trying again (1 to 60)."""
         average = self.hold_seconds or 1.0
         slots = max(self.slots.count, 1)
-        waiting = sum(1 for t in self.queue if t.priority == USER)
-        return max(1, min(60, math.ceil(average * (waiting + 1) / slots)))
+        return max(1, min(60, math.ceil(average * (self.users_waiting() + 1) / slots)))
+
+    def wait_aside(self, ticket, wait):
+        """Run wait() with a user's ticket counted among the users waiting (max_queue, the
+        queue_length gauge, /status, routing) before it joins the queue: it waits for its
+        template's evaluation elsewhere (templated.py). Not when max_queue users wait
+        already: it then joins the queue at once. Whether it waited."""
+        if self.users_waiting() >= self.max_queue:
+            return False
+        ticket.arrived = self.clock()
+        self.aside.append(ticket)
+        self._update_gauges()
+        try:
+            wait()
+        finally:
+            self.aside.remove(ticket)
+            self._update_gauges()
+        return True
 
     # Waiting, with gevent.
 
@@ -385,4 +403,6 @@ class Scheduler:
                     "task": task,
                 }
             )
-        return {"slots": slots, "queue": [t.describe(now) for t in self.queue]}
+        queue = [{**t.describe(now), "waits_for": "slot"} for t in self.queue]
+        queue += [{**t.describe(now), "waits_for": "evaluation"} for t in self.aside]
+        return {"slots": slots, "queue": queue}

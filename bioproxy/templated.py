@@ -73,11 +73,15 @@ def forward(backend, raw, body, expansion, send, watch=None):
     try:
         with watch.guard() if watch else nullcontext():
             if ticket is not None and _evaluated_elsewhere_now(backend, expansion):
-                # Restored once it is saved there, not evaluated twice. The time waited
-                # counts against queue_timeout, as if in the queue.
-                ticket.arrived = backend.scheduler.clock()
+                # Restored once it is saved there, not evaluated twice. It waits as if in
+                # the queue: counted there, and against queue_timeout.
+                entry, template = expansion.entry, expansion.template
                 timeout = backend.queue_timeout
-                backend.evaluator.wait_for(expansion.entry.prefix, expansion.template, timeout)
+
+                def evaluated():
+                    backend.evaluator.wait_for(entry.prefix, template, timeout)
+
+                backend.scheduler.wait_aside(ticket, evaluated)
             if ticket is not None:
                 backend.scheduler.acquire(ticket)
             granted = time.monotonic()

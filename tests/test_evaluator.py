@@ -11,6 +11,7 @@ import responses
 
 from bioproxy.scheduler import USER, Ticket
 from tests.fake_llama import SYSTEM, FakeLlama
+from tests.test_metrics import samples
 from tests.test_warmup import backend, templates_folder, warmer
 
 EVALUATOR = "http://warmer.test:8082"
@@ -199,6 +200,42 @@ def test_a_request_for_the_template_it_evaluates_waits_for_it(
     assert response.headers["X-Bioproxy-Cache"] in ("restored", "slot")
     assert fake_llama.evaluated == []  # the edited template: evaluated there only
     assert backend(app).evaluator.waited == 1
+
+
+def test_a_request_waiting_for_the_evaluation_there_counts_among_the_users_waiting(
+    app, folder, fake_llama, evaluator, client, admin
+):
+    go, warming = edited_and_held_there(app, folder, evaluator)
+    asked = gevent.spawn(ask, client, "@code How?")
+    gevent.sleep(0.1)
+    status = admin.get("/status").get_json()
+    length = samples(admin)[("bioproxy_queue_length", (("backend", backend(app).name),))]
+    go.set()
+    response = asked.get(timeout=5)
+    warming.get(timeout=5)
+
+    assert [(q["template"], q["waits_for"]) for q in status["queue"]] == [("@code", "evaluation")]
+    assert length == 1
+    assert backend(app).scheduler.users_waiting() == 0  # no longer, once answered
+    assert response.headers["X-Bioproxy-Cache"] in ("restored", "slot")
+
+
+def test_a_request_does_not_wait_for_the_evaluation_when_the_queue_is_full(
+    make_app, folder, fake_llama, evaluator
+):
+    app = make_app(
+        prefixes={"@code": "code.txt", "@review": "review.txt"},
+        slot_save_path=str(folder / "slots"),
+        warmup_backend_url=EVALUATOR,
+        queue_max_length=0,
+    )
+    go, warming = edited_and_held_there(app, folder, evaluator)
+    response = gevent.spawn(ask, app.test_client(), "@code How?").get(timeout=2)  # no wait
+    go.set()
+    warming.get(timeout=5)
+    assert response.status_code == 200  # a slot was free: it ran at once, cold
+    assert response.headers["X-Bioproxy-Cache"] == "cold"
+    assert backend(app).evaluator.waited == 0
 
 
 def test_a_request_that_waited_goes_on_when_the_evaluation_there_fails(
