@@ -125,6 +125,7 @@ class Backend:
         # a unit itself, bioproxy makes one of each model it lists (discover()).
         self.router = False
         self.listed = None  # the models it listed last, as the log last said
+        self.found = set()  # the units discover() made of a router's models, in the pool
         self.aliases = ()  # other names of its model, as the router lists them
         self.pool = None  # the Pool it is in, which takes the units it makes
         self.upstream = upstream(settings, spec.url, spec.api_key, spec.model)
@@ -194,8 +195,9 @@ class Backend:
         """This llama-server is a router and no models were named for it: a unit of each
         model it lists (GET /models), named NAME/MODEL, joins the pool, as if named in
         the backends entry's models. Looked at again at each of its warmer's passes: a
-        model added to the router becomes a unit then (one it no longer lists stays,
-        out of routing, until bioproxy restarts)."""
+        model added to the router becomes a unit then, and the unit of one it no longer
+        lists leaves the pool (Pool.remove); listed again, it comes back with its saved
+        caches (the same folder)."""
         if not self.router:
             self.router = True  # out of routing from now (up())
             log.info("backend %s is a router: each model it lists becomes a backend", self.name)
@@ -214,7 +216,17 @@ class Backend:
             if unit is None:
                 unit = self.unit(model)
                 self.pool.add(unit)
+                self.found.add(unit)
             unit.aliases = aliases[model]
+        for unit in [unit for unit in self.found if unit.model not in aliases]:
+            log.warning(
+                "backend %s no longer lists the model %s: its backend %s leaves the pool",
+                self.name,
+                unit.model,
+                unit.name,
+            )
+            self.found.discard(unit)
+            self.pool.remove(unit)
 
     def named(self, model):
         """Whether a request naming this model is for this backend: its model's id or one
@@ -454,6 +466,16 @@ class Backend:
                 len(stalled),
                 len(waiting),
             )
+
+    def retire(self):
+        """Out of the pool (Pool.remove): its warmer stopped, its users waiting for a slot
+        sent to another backend (nothing of theirs was sent), its gauges gone. Requests
+        under way here finish; each closes its own connection."""
+        self.stop()
+        moved = self.scheduler.evacuate()
+        if moved:
+            log.warning("backend %s: %d waiting requests sent to another", self.name, moved)
+        self.scheduler.forget_gauges()
 
     def close(self):
         self.stop()

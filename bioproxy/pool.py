@@ -58,6 +58,12 @@ class Pool:
         if self.started:
             backend.start()
 
+    def remove(self, backend):
+        """A router's unit whose model the router no longer lists (Backend.discover)."""
+        self.backends.remove(backend)  # in place: it is every backend's siblings too
+        del self.by_name[backend.name]
+        backend.retire()
+
     def start(self):
         """In the worker: every backend's warmer and health checks (backend.start)."""
         self.started = True

@@ -296,6 +296,15 @@ class Scheduler:
             occupancy.labels(*key).set(count)
         self.gauged = set(counts)
 
+    def forget_gauges(self):
+        """Take this scheduler's samples out of the gauges (its backend left the pool)."""
+        if self.metrics is None:
+            return
+        for key in self.gauged:
+            self.metrics.slots.remove(*key)
+        self.gauged = set()
+        self.metrics.queue_length.remove(self.name)
+
     def invariants(self):
         """Which of the invariants above do not hold now, in words (none, ever)."""
         broken = []

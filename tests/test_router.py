@@ -207,6 +207,44 @@ def test_a_model_the_router_lists_later_becomes_a_backend_at_the_next_look(
     assert c.warmth["@review"].state == "warm"
 
 
+def test_a_model_the_router_no_longer_lists_leaves_the_pool_and_comes_back_warm(
+    make_app, isolated_config, router, caplog
+):
+    folder = templates_folder(isolated_config)
+    backend = {"url": BACKEND, "slot_save_path": str(folder / "slots")}
+    app = make_app(backends=[backend], prefixes={"@review": "review.txt"})
+    admin = app.test_client(base_url=ADMIN_BASE)
+    pool = units(app)
+    pool.first.warmer.check()
+    b = pool.by_name["llama.test:8081/b"]
+    b.warmer.check()
+    assert b.warmth["@review"].state == "warm"
+    evaluations = len(router.models["b"].evaluated)
+    gone = router.models.pop("b")
+
+    pool.backends[0].warmer.check()
+
+    assert [u.name for u in pool] == ["llama.test:8081", "llama.test:8081/a"]
+    assert b.warmer.greenlet is None or b.warmer.greenlet.dead
+    assert "no longer lists the model b" in caplog.text
+    metrics = admin.get("/metrics").get_data(as_text=True)
+    assert 'backend="llama.test:8081/b"' not in metrics
+    shown = [s["name"] for s in admin.get("/status").get_json()["backends"]]
+    assert shown == ["llama.test:8081", "llama.test:8081/a"]
+    answer = ask(app.test_client(), "@review Look.")  # served by the model still listed
+    assert answer.status_code == 200
+    assert answer.headers["X-Bioproxy-Backend"] == "llama.test:8081/a"
+
+    router.models["b"] = gone  # listed again: a unit again, from its saved cache
+    pool.backends[0].warmer.check()
+    back = pool.by_name["llama.test:8081/b"]
+    assert back is not b
+    back.warmer.check()
+    assert back.warmth["@review"].state == "warm"
+    assert len(gone.evaluated) == evaluations  # restored, not evaluated again
+    assert "restore" in [action for action, _, _ in gone.actions]
+
+
 def test_a_router_whose_models_cannot_be_read_takes_requests_itself(
     make_app, isolated_config, router
 ):

@@ -164,3 +164,31 @@ def test_a_router_named_without_its_models_has_each_found_warmed_and_served_warm
                 assert backend == f"{name}/{unit}" and cache in ("slot", "restored"), answer
                 assert answer["timings"]["prompt_n"] < 40, answer["timings"]
                 assert answer["model"] == unit
+
+            # The writer taken off the router (its file gone, its list reloaded: the router
+            # re-reads its folder only when asked, and unloads a running model it lost).
+            link = tmp_path / "llama" / "models" / "writer.gguf"
+            link.unlink()
+            requests.get(llama.url + "/models?reload=1", timeout=30).raise_for_status()
+            wait_until(
+                lambda: f"{name}/writer" not in shown(proxy),
+                timeout=60,
+                what="the writer's backend gone",
+                describe=lambda: str(shown(proxy)),
+            )
+            backend, cache, answer = ask(proxy, "@review y = 2")
+            assert backend == f"{name}/coder" and cache in ("slot", "restored"), answer
+            assert "no longer lists the model writer" in proxy.log()
+
+            # Back: a backend again, warm from the file it saved before.
+            link.symlink_to(model_path())
+            requests.get(llama.url + "/models?reload=1", timeout=30).raise_for_status()
+            wait_until(
+                lambda: shown(proxy).get(f"{name}/writer", (False, {}))[1].get("@review") == "warm",
+                timeout=120,
+                what="the writer's backend back and warm",
+                describe=lambda: str(shown(proxy)),
+            )
+            backend, cache, answer = ask(proxy, "@review z = 3", model="writer")
+            assert backend == f"{name}/writer" and cache in ("slot", "restored"), answer
+            assert answer["timings"]["prompt_n"] < 40, answer["timings"]
