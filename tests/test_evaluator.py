@@ -32,13 +32,19 @@ def evaluator(fake_llama):
     return other
 
 
-@pytest.fixture
-def app(make_app, folder, fake_llama, evaluator):
+def with_evaluator(make_app, folder, **settings):
+    """The app, its warmups evaluated by the warmup llama-server at EVALUATOR."""
     return make_app(
         prefixes={"@code": "code.txt", "@review": "review.txt"},
         slot_save_path=str(folder / "slots"),
         warmup_backend_url=EVALUATOR,
+        **settings,
     )
+
+
+@pytest.fixture
+def app(make_app, folder, fake_llama, evaluator):
+    return with_evaluator(make_app, folder)
 
 
 def ask(client, text):
@@ -223,12 +229,7 @@ def test_a_request_waiting_for_the_evaluation_there_counts_among_the_users_waiti
 def test_a_request_does_not_wait_for_the_evaluation_when_the_queue_is_full(
     make_app, folder, fake_llama, evaluator
 ):
-    app = make_app(
-        prefixes={"@code": "code.txt", "@review": "review.txt"},
-        slot_save_path=str(folder / "slots"),
-        warmup_backend_url=EVALUATOR,
-        queue_max_length=0,
-    )
+    app = with_evaluator(make_app, folder, queue_max_length=0)
     go, warming = edited_and_held_there(app, folder, evaluator)
     response = gevent.spawn(ask, app.test_client(), "@code How?").get(timeout=2)  # no wait
     go.set()
@@ -308,13 +309,7 @@ def test_a_variant_does_not_wait_for_its_template_s_evaluation(app, folder, eval
 def test_the_wait_for_an_evaluation_counts_against_queue_timeout(
     make_app, folder, fake_llama, evaluator
 ):
-    app = make_app(
-        prefixes={"@code": "code.txt", "@review": "review.txt"},
-        slot_save_path=str(folder / "slots"),
-        warmup_backend_url=EVALUATOR,
-        queue_timeout=0.3,
-        queue_max_length=5,
-    )
+    app = with_evaluator(make_app, folder, queue_timeout=0.3, queue_max_length=5)
     client = app.test_client()
     go, warming = edited_and_held_there(app, folder, evaluator)
     scheduler = backend(app).scheduler
