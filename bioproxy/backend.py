@@ -201,6 +201,7 @@ class Backend:
         if not self.router:
             self.router = True  # out of routing from now (up())
             log.info("backend %s is a router: each model it lists becomes a backend", self.name)
+            self.pool.follow(self)  # its model events wake this pass too (a model added)
         try:
             models = self.upstream.call("GET", "/models", timeout=self.health_timeout)["data"]
             aliases = {m["id"]: tuple(m.get("aliases") or ()) for m in models}

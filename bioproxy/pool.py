@@ -24,6 +24,8 @@ import itertools
 
 from prometheus_client.core import GaugeMetricFamily
 
+from .router_events import RouterEvents
+
 # What a restore of a saved cache costs, in seconds, when routing weighs it (tens of
 # milliseconds for a few thousand tokens: docs/BENCHMARKS.md); an evaluation whose time
 # is not known yet is weighed at SECONDS_PER_TOKEN a token of the template, or at
@@ -45,6 +47,7 @@ class Pool:
         # Whether some backend has an API key of its own (a client's is not passed on).
         self.keyed = any(backend.upstream.auth for backend in self.backends)
         self.started = False
+        self.followed = {}  # a router's URL -> the RouterEvents following it
         for backend in self.backends:
             backend.siblings = self.backends
             backend.pool = self
@@ -64,13 +67,35 @@ class Pool:
         del self.by_name[backend.name]
         backend.retire()
 
+    def follow(self, backend):
+        """Follow the model events of the router that backend is at (once per router): its
+        backends look at once when the router loads, unloads or removes a model."""
+        url = backend.upstream.base_url
+        if url in self.followed:
+            return
+        events = RouterEvents(
+            backend.upstream, lambda: [b for b in self.backends if b.upstream.base_url == url]
+        )
+        self.followed[url] = events
+        if self.started:
+            events.start()
+
     def start(self):
-        """In the worker: every backend's warmer and health checks (backend.start)."""
+        """In the worker: every backend's warmer and health checks (backend.start), and
+        the model events of the routers whose models are named (Backend.discover follows
+        the others once it finds them)."""
+        for backend in list(self.backends):
+            if backend.model is not None:
+                self.follow(backend)
         self.started = True
+        for events in self.followed.values():
+            events.start()
         for backend in list(self.backends):
             backend.start()
 
     def stop(self):
+        for events in self.followed.values():
+            events.stop()
         for backend in self.backends:
             backend.stop()
 

@@ -130,11 +130,14 @@ class Warmer:
                 continue  # warm on other backends (warm_backends)
             if prefix in self.warming:
                 continue
-            if self.pool.full() and not wait:
+            if len(self.warming) >= self.pool.size and not wait:
                 # The watcher never waits for room here: the running warmups may be
                 # waiting for a slot that only a later pass can free (one busy with work
                 # bioproxy did not start is free once a pass sees it idle). The next pass
-                # starts the rest. (wait, the tests' way, waits for them all anyway.)
+                # starts the rest, as soon as one ends (warm_logged). Counted by what is
+                # warming, not by the pool: a warmup that just ended leaves the pool only
+                # at the hub's next turn, after the pass it woke. (wait, the tests' way,
+                # waits for them all anyway.)
                 break
             self.warming.add(prefix)
             self.pool.spawn(self.warm_logged, prefix)
@@ -158,8 +161,10 @@ class Warmer:
             log.exception("warming template %s failed", prefix)
         finally:
             self.warming.discard(prefix)
-            if self.backend.warmth[prefix].state == State.STALE:
-                self.wake.set()  # edited while it was warmed: the new text now
+            # A template still due (this one edited while it was warmed, or one a pass
+            # left for want of room in the pool): the next pass now, not an interval on.
+            if any(self.due_now(other) for other in self.backend.warmth):
+                self.wake.set()
             self.backend.check_joined()
 
     def describe(self):

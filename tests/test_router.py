@@ -2,6 +2,7 @@
 
 import json
 
+import gevent
 import pytest
 import responses
 
@@ -243,6 +244,46 @@ def test_a_model_the_router_no_longer_lists_leaves_the_pool_and_comes_back_warm(
     assert back.warmth["@review"].state == "warm"
     assert len(gone.evaluated) == evaluations  # restored, not evaluated again
     assert "restore" in [action for action, _, _ in gone.actions]
+
+
+def model_events(*events):
+    """A /models/sse body of the router's: these events, then the end of the stream."""
+    return b"".join(b"data: %s\n\n" % json.dumps(e).encode() for e in events)
+
+
+def test_a_routers_model_events_wake_the_backends_they_concern(make_app, isolated_config, router):
+    templates_folder(isolated_config)
+    app = make_app(backends=[BACKEND], prefixes={"@review": "review.txt"})
+    pool = units(app)
+    pool.first.warmer.check()
+    assert len(pool) == 3  # the router, and a unit of each of its two models
+    assert list(pool.followed) == [BACKEND]  # following since it found a router there
+    events = pool.followed[BACKEND]
+
+    def woken(*sent):
+        for unit in pool:
+            unit.warmer.wake.clear()
+        sse = model_events(*sent)
+        responses.upsert("GET", f"{BACKEND}/models/sse", body=sse, content_type="text/event-stream")
+        events.follow()
+        return [unit.warmer.wake.is_set() for unit in pool]
+
+    loaded = {"model": "b", "event": "model_status", "data": {"status": "loaded"}}
+    assert woken(loaded) == [True, False, True]  # b's, and the router's (a new model?)
+    assert woken({"model": "*", "event": "models_reload"}) == [True, True, True]
+    assert woken({"model": "a", "event": "model_remove"}) == [True, True, True]
+    progress = {"model": "c", "event": "download_progress", "data": {}}
+    assert woken(progress) == [False, False, False]
+
+
+def test_a_llama_server_without_model_events_is_not_followed(make_app, isolated_config, router):
+    templates_folder(isolated_config)
+    app = make_app(backends=[BACKEND], prefixes={"@review": "review.txt"})
+    pool = units(app)
+    pool.first.warmer.check()
+    responses.upsert("GET", f"{BACKEND}/models/sse", status=404, json={"error": "no"})
+    # It gives up at once instead of asking again every few seconds.
+    assert gevent.with_timeout(2, pool.followed[BACKEND].run, timeout_value="still") is None
 
 
 def test_a_router_whose_models_cannot_be_read_takes_requests_itself(

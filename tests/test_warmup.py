@@ -435,6 +435,26 @@ def test_the_watcher_never_waits_for_a_warmup_that_waits_for_the_watcher(app, ll
     assert {w.state for w in backend(app).warmth.values()} == {"warm"}
 
 
+def test_templates_left_for_want_of_room_are_warmed_when_a_warmup_ends(make_app, folder, llama):
+    # One warmup at a time (warmup_concurrency 1): a pass starts the first template and
+    # leaves the second to the next pass, which came only an interval (30 s) later.
+    app = make_app(
+        prefixes={"@code": "code.txt", "@review": "review.txt"},
+        slot_save_path=str(folder / "slots"),
+        warmup_check_interval=600,
+    )
+    watcher = warmer(app)
+    watcher.start()
+    try:
+        states = lambda: {w.state for w in backend(app).warmth.values()}  # noqa: E731
+        deadline = time.monotonic() + 5
+        while states() != {"warm"} and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        assert states() == {"warm"}
+    finally:
+        watcher.stop()
+
+
 def test_only_requests_that_need_a_slot_hold_warmups_off(app, llama, client):
     # Issue 16.9: any POST did; one every 2 s (a 404 path) kept every warmup cancelled.
     calls = []
