@@ -1,7 +1,8 @@
 """Time to first token: when a streamed answer's first generated content went by."""
 
-import json
 import time
+
+from . import sse
 
 
 def first_content_timed(chunks, started, metrics, template):
@@ -52,15 +53,7 @@ CONTENT_SCAN_BYTES = 64 * 1024
 
 def has_content(event):
     """Whether an SSE event of llama-server's carries generated text or a tool call."""
-    for line in event.splitlines():
-        if not line.startswith(b"data:"):
-            continue
-        try:
-            data = json.loads(line[5:])
-        except ValueError:
-            continue  # [DONE], or not JSON
-        if not isinstance(data, dict):
-            continue
+    for data in sse.objects(event):
         if data.get("content"):  # /completion
             return True
         for choice in data.get("choices") or ():

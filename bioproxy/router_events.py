@@ -10,11 +10,11 @@ warmers of the backends it concerns; their passes do the rest, as always. Events
 while the stream is down are seen at those passes anyway.
 """
 
-import json
 import logging
 
 import gevent
 
+from . import sse
 from .upstream import BackendError
 
 log = logging.getLogger(__name__)
@@ -69,15 +69,8 @@ class RouterEvents:
                     self.seen(event)
 
     def seen(self, event):
-        for line in event.splitlines():
-            if not line.startswith(b"data:"):
-                continue
-            try:
-                data = json.loads(line[5:])
-            except ValueError:
-                continue
-            if isinstance(data, dict):
-                self.wake(data.get("event"), data.get("model"))
+        for data in sse.objects(event):
+            self.wake(data.get("event"), data.get("model"))
 
     def wake(self, kind, model):
         if kind == "download_progress":
