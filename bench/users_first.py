@@ -4,8 +4,9 @@ A template of about 1,500 and one of about 6,000 tokens is edited (so nothing of
 cached) and bioproxy warms it again while a user sends short streamed requests ("Say
 hi.", at random gaps of 0.2 to 1 s). Each request's time to the first token is compared
 with the same request on the idle server, sampled in the same run just before each
-edit. Two ways bioproxy warms, each against a fresh llama-server started as bioproxy
-starts its own (-np 2, a slot folder):
+edit. Three ways bioproxy warms, each against a fresh llama-server started as bioproxy
+starts its own (-np 2, a slot folder; with a warmup llama-server, both without a RAM
+cache, as the bioproxy command starts them):
 
 - here:  in the serving llama-server's own slots, in pieces of warmup_piece_chars (150),
          cancelled by each user and started again once no user is in flight;
@@ -52,7 +53,7 @@ WAYS = {  # how bioproxy warms, and its row's label
 IDLE_SAMPLES = 5
 
 
-def llama_server(folder, name, nice=0):
+def llama_server(folder, name, nice=0, ram_cache=True):
     return LlamaServer(
         free_port(),
         slots=2,
@@ -60,6 +61,7 @@ def llama_server(folder, name, nice=0):
         slot_save_path=os.path.join(folder, "slots"),
         log_path=os.path.join(folder, f"{name}.log"),
         nice=nice,
+        ram_cache=ram_cache,
     )
 
 
@@ -104,14 +106,17 @@ class Case:
         """bioproxy before a fresh llama-server, warming one of the WAYS."""
         self.edit()
         with contextlib.ExitStack() as stack:
-            serving = stack.enter_context(llama_server(self.folder, "serving"))
+            # With a warmup llama-server, both without a RAM cache, as the bioproxy
+            # command starts them (LlamaServer.ram_cache).
+            ram_cache = way == "here"
+            serving = stack.enter_context(llama_server(self.folder, "serving", 0, ram_cache))
             config = {
                 "prefixes": {"@long": "long.txt"},
                 "warmup_check_interval": 0.2,
                 "slot_save_path": serving.slot_save_path,
             }
             if way != "here":
-                warmup = stack.enter_context(llama_server(self.folder, "warmup", nice=19))
+                warmup = stack.enter_context(llama_server(self.folder, "warmup", 19, ram_cache))
                 config["warmup_backend_url"] = warmup.url
                 if way == "held":
                     config["warmup_backend_pid"] = warmup.process.pid
@@ -123,6 +128,7 @@ class Case:
 
         wait(lambda: state() == "warm")
         idle, busy, warmups, stopped = [], [], [], 0
+        self.last = []  # per user: how many users of its round came after it
         for _ in range(self.rounds):
             for _ in range(IDLE_SAMPLES):
                 time.sleep(0.5)
@@ -131,13 +137,16 @@ class Case:
             started = time.monotonic()
             wait(lambda: state() == "warming", step=0.02)
             sent = 0
-            while state() != "warm":
+            while True:
                 if sent == self.max_samples:
                     stopped += 1  # the warmup would not end while the user keeps sending
                     break
                 time.sleep(self.rng.uniform(0.2, 1.0))
+                if state() == "warm":  # looked at after the pause: it may have ended in it
+                    break
                 busy.append(first_token(proxy.proxy_url))
                 sent += 1
+            self.last += range(sent - 1, -1, -1)
             wait(lambda: state() == "warm")
             warmups.append(time.monotonic() - started)
         return idle, busy, statistics.median(warmups), stopped
@@ -214,6 +223,13 @@ def run_load(folder, seconds, ways):
     return table(header, rows)
 
 
+def slowest(ttfts, after, n=5):
+    """The n longest times to first token, each with the number of users after it in its
+    round: 0 is the last one before the template was seen warm again (its restore)."""
+    worst = sorted(zip(ttfts, after, strict=True), reverse=True)[:n]
+    return ", ".join(f"{t * 1e3:.0f} ({k})" for t, k in worst)
+
+
 def wait(check, timeout=900, step=0.2):
     deadline = time.monotonic() + timeout
     while not check():
@@ -264,6 +280,9 @@ def main():
                     ]
                 )
                 print(rows[-1], flush=True)
+                print(
+                    "  slowest users, ms (users after it in its round):", slowest(busy, case.last)
+                )
     header = [
         "template, warmed",
         "users",

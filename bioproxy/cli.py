@@ -48,6 +48,7 @@ def start_local_backend(settings, binary=None):
         log_path=os.path.join(folder, "llama-server.log"),
         binary=binary,
         ui=llamacpp.ui_path(),
+        ram_cache=False,  # the warmup llama-server beside it evaluates the templates
     )
     print(f"Starting llama-server with {llamacpp.MODEL_FILE} on {server.url}")
     print(f"  its log: {server.log_path}")
@@ -78,13 +79,17 @@ def start_evaluator(server):
         log_path=os.path.join(os.path.dirname(server.log_path), "warmup-llama-server.log"),
         binary=server.binary,
         nice=19,
+        ram_cache=server.ram_cache,
     )
     print(f"Starting the warmup llama-server on {evaluator.url} (its log: {evaluator.log_path})")
     try:
         evaluator.start().wait_ready()
     except (llamacpp.LlamaServerError, OSError, subprocess.SubprocessError) as e:
         evaluator.stop()
-        print(f"  not started ({e}): warmups are evaluated in llama-server's own slots")
+        print(
+            f"  not started ({e}): warmups are evaluated in llama-server's own slots "
+            "(started without its RAM cache, which would have helped them under load)"
+        )
         return None
     except BaseException:  # Ctrl+C while it loads
         evaluator.stop()

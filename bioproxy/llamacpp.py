@@ -127,6 +127,7 @@ class LlamaServer:
         defaults=False,
         nice=0,
         models_dir=None,
+        ram_cache=True,
     ):
         self.host = host
         # Router mode: no model of its own, one server of its own per model in this folder
@@ -137,6 +138,15 @@ class LlamaServer:
         self.defaults = defaults
         # Added to its CPU niceness: at 19 it gets the CPU when nothing else wants it.
         self.nice = nice
+        # False: --cache-ram 0. When a task starts, llama-server copies each idle slot
+        # whose tokens changed into that RAM cache (and a slot it picks itself, before it
+        # overwrites it), in its loop, before the task: after a templated request the next
+        # one waited for its slot's copy (~20 ms behind a ~1,650-token template, 170-280 ms
+        # behind ~6,600, on 2 cores; bench.idle_copies). Where a warmup llama-server
+        # evaluates the templates, the serving one's pinned requests never load from that
+        # cache and templates come from their files: the copies serve nobody. Without one
+        # the cache helped warmups in its own slots under load (bench.users_first).
+        self.ram_cache = ram_cache
         self.port = port
         self.slots = slots
         # Each slot gets context / slots tokens.
@@ -182,6 +192,8 @@ class LlamaServer:
         ]
         if self.slot_save_path:
             args += ["--slot-save-path", self.slot_save_path]
+        if not self.ram_cache:
+            args += ["--cache-ram", "0"]
         if self.ui:
             args += ["--path", self.ui]
         return args + self.extra_args

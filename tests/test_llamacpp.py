@@ -166,10 +166,8 @@ def test_a_warmup_llama_server_that_cannot_start_leaves_warmups_to_the_serving_o
     assert "BIOPROXY_WARMUP_BACKEND_URL" not in os.environ
 
 
-def test_the_warmup_llama_server_is_started_as_the_serving_one_at_nice_19(tmp_path, monkeypatch):
-    serving = llamacpp.LlamaServer(
-        free_port(), slots=3, context=999, slot_save_path=str(tmp_path / "slots")
-    )
+def started_servers(monkeypatch):
+    """LlamaServer.start and wait_ready faked: the servers started, in order."""
     started = []
 
     def start(self):
@@ -179,6 +177,30 @@ def test_the_warmup_llama_server_is_started_as_the_serving_one_at_nice_19(tmp_pa
 
     monkeypatch.setattr(llamacpp.LlamaServer, "start", start)
     monkeypatch.setattr(llamacpp.LlamaServer, "wait_ready", lambda self: self)
+    return started
+
+
+def test_the_local_llama_server_is_started_without_a_ram_cache(tmp_path, monkeypatch):
+    started = started_servers(monkeypatch)
+    monkeypatch.delenv("BIOPROXY_SLOT_SAVE_PATH", raising=False)
+    port = free_port()
+    settings = types.SimpleNamespace(
+        backend_url=f"http://127.0.0.1:{port}", paths=types.SimpleNamespace(state_dir=str(tmp_path))
+    )
+    server = cli.start_local_backend(settings)
+    assert started == [server]
+    command = server.command()
+    # Its warmups are evaluated beside it, and its copies of idle slots served nobody.
+    assert command[command.index("--cache-ram") + 1] == "0"
+    assert command[command.index("--port") + 1] == str(port)
+    assert os.environ.pop("BIOPROXY_SLOT_SAVE_PATH") == server.slot_save_path
+
+
+def test_the_warmup_llama_server_is_started_as_the_serving_one_at_nice_19(tmp_path, monkeypatch):
+    serving = llamacpp.LlamaServer(
+        free_port(), slots=3, context=999, slot_save_path=str(tmp_path / "slots"), ram_cache=False
+    )
+    started = started_servers(monkeypatch)
     monkeypatch.delenv("BIOPROXY_WARMUP_BACKEND_URL", raising=False)
     monkeypatch.delenv("BIOPROXY_WARMUP_BACKEND_PID", raising=False)
     evaluator = cli.start_evaluator(serving)
@@ -186,5 +208,6 @@ def test_the_warmup_llama_server_is_started_as_the_serving_one_at_nice_19(tmp_pa
     assert evaluator.nice == 19 and evaluator.port != serving.port
     same = [a for a in evaluator.command() if a != str(evaluator.port)]
     assert same == [a for a in serving.command() if a != str(serving.port)]
+    assert "--cache-ram" in same
     assert os.environ.pop("BIOPROXY_WARMUP_BACKEND_URL") == evaluator.url
     assert os.environ.pop("BIOPROXY_WARMUP_BACKEND_PID") == "4242"  # stopped for users

@@ -28,6 +28,7 @@ def start_pair(folder):
             slot_save_path=str(folder / "slots"),
             log_path=str(folder / f"{name}.log"),
             nice=nice,
+            ram_cache=False,  # as the bioproxy command starts them
         )
 
     return server("serving", 0), server("warmup", 19)
@@ -106,6 +107,35 @@ def test_templates_are_evaluated_there_and_users_are_never_made_to_wait(tmp_path
         # The users' prompts stopped its process (SIGSTOP) while it evaluated the edit.
         assert described["hold"]["problem"] is None, json.dumps(described)
         assert described["hold"]["holds"] >= 1 and described["hold"]["stopped"] is False
+
+
+def test_the_serving_llama_server_keeps_no_ram_copies_of_its_slots(tmp_path):
+    """With llama.cpp's default --cache-ram, every task that starts waits while llama-server
+    copies each idle slot whose tokens changed into its RAM cache: the request after a
+    templated one waited for the template's copy, and the copies grew its memory by the
+    template's size with every templated request. Started as the bioproxy command starts
+    it (its templates evaluated by the warmup llama-server), it keeps none."""
+    (tmp_path / "long.txt").write_text(LONG)
+    serving, warmup = start_pair(tmp_path)
+    with serving, warmup, bioproxy_with(serving, warmup, tmp_path) as proxy:
+        wait_until(lambda: proxy.all_warm(), timeout=180, what="the template warm")
+        before = resident_mib(serving)
+        for i in range(5):
+            cache, timings = templated(proxy, f"Which rule number {i} applies?")
+            assert cache in ("slot", "restored")
+            assert timings["prompt_n"] < 40, timings  # warm, from its slot or its file
+            assert first_token_seconds(proxy.proxy_url) < 5  # a plain request after it
+        grown = resident_mib(serving) - before
+    # One copy of the template's slot is some 60 MiB: five would be 300.
+    assert grown < 40, f"llama-server's memory grew by {grown:.0f} MiB over 5 templated requests"
+
+
+def resident_mib(llama):
+    with open(f"/proc/{llama.process.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
 
 
 def test_a_warmup_llama_server_started_otherwise_is_not_used(tmp_path):
