@@ -16,7 +16,6 @@ Run:    .venv/bin/python -m bench.idle_copies [--rounds 8]
 """
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -24,7 +23,7 @@ import time
 import requests
 
 from bench.proxy_overhead import machine, table
-from bench.scheduling import reference
+from bench.scheduling import DuringWarmup, reference
 from bioproxy.llamacpp import LlamaServer
 from bioproxy.testing import free_port
 
@@ -36,21 +35,8 @@ RAM_CACHE = {  # LlamaServer's ram_cache, and its row's label
 
 
 def first_token_ms(url, slot):
-    body = {
-        "messages": [{"role": "user", "content": "Say hi."}],
-        "max_tokens": 4,
-        "stream": True,
-        "id_slot": slot,
-    }
-    start = time.monotonic()
-    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith(b"data: {"):
-                choices = json.loads(line[6:]).get("choices")
-                if choices and choices[0]["delta"].get("content"):
-                    return (time.monotonic() - start) * 1e3
-    raise RuntimeError("no token came")
+    """A short streamed chat request's time to its first token, pinned to slot."""
+    return DuringWarmup.user(url, id_slot=slot) * 1e3
 
 
 def complete(url, prompt, n_predict):

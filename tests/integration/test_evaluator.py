@@ -14,7 +14,7 @@ import requests
 
 from bioproxy.llamacpp import LlamaServer
 from tests.integration.test_users_first import LONG, first_token_seconds, prompt_tokens
-from tests.servers import Bioproxy, free_port, wait_until
+from tests.servers import Bioproxy, free_port, resident_kib, wait_until
 
 
 def start_pair(folder):
@@ -119,23 +119,15 @@ def test_the_serving_llama_server_keeps_no_ram_copies_of_its_slots(tmp_path):
     serving, warmup = start_pair(tmp_path)
     with serving, warmup, bioproxy_with(serving, warmup, tmp_path) as proxy:
         wait_until(lambda: proxy.all_warm(), timeout=180, what="the template warm")
-        before = resident_mib(serving)
+        before = resident_kib(serving.process.pid) / 1024
         for i in range(5):
             cache, timings = templated(proxy, f"Which rule number {i} applies?")
             assert cache in ("slot", "restored")
             assert timings["prompt_n"] < 40, timings  # warm, from its slot or its file
             assert first_token_seconds(proxy.proxy_url) < 5  # a plain request after it
-        grown = resident_mib(serving) - before
+        grown = resident_kib(serving.process.pid) / 1024 - before
     # One copy of the template's slot is some 60 MiB: five would be 300.
     assert grown < 40, f"llama-server's memory grew by {grown:.0f} MiB over 5 templated requests"
-
-
-def resident_mib(llama):
-    with open(f"/proc/{llama.process.pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_a_warmup_llama_server_started_otherwise_is_not_used(tmp_path):

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.servers import Bioproxy, JSONHandler, serve_http, wait_until
+from tests.servers import Bioproxy, JSONHandler, resident_kib, serve_http, wait_until
 
 SLOTS = 8
 
@@ -156,14 +156,6 @@ def files_of(pid, ports):
 
 def not_pooled(files):
     return sum(n for kind, n in files.items() if kind != "tcp llama")
-
-
-def resident_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def abort_mid_stream(url, who):
