@@ -4,12 +4,14 @@ A template of about 1,500 and one of about 6,000 tokens is edited (so nothing of
 cached) and bioproxy warms it again while a user sends short streamed requests ("Say
 hi.", at random gaps of 0.2 to 1 s). Each request's time to the first token is compared
 with the same request on the idle server, sampled in the same run just before each
-edit. Three ways bioproxy warms, each against a fresh llama-server started as bioproxy
+edit. Four ways bioproxy warms, each against a fresh llama-server started as bioproxy
 starts its own (-np 2, a slot folder; with a warmup llama-server, both without a RAM
 cache, as the bioproxy command starts them):
 
 - here:  in the serving llama-server's own slots, in pieces of warmup_piece_chars (150),
-         cancelled by each user and started again once no user is in flight;
+         cancelled by each user and started again once no user is in flight (llama.cpp's
+         default RAM cache, as deploy/ starts it);
+- bare:  the same, llama-server started without its RAM cache (--cache-ram 0);
 - nice:  in a warmup llama-server started the same way at nice 19 (warmup_backend_url),
          its saved slot restored into the serving one;
 - held:  the same, its process also stopped while a user waits for a first byte
@@ -26,7 +28,7 @@ template edited a quarter of the way in: how long it takes to be warm again, and
 users' p95 time to first token against the run without the edit, both ways of warming.
 
 Run:    .venv/bin/python -m bench.users_first [--rounds 2] [--part during|load|all]
-                                              [--ways here,nice,held]
+                                              [--ways here,bare,nice,held]
 """
 
 import argparse
@@ -47,6 +49,7 @@ from bioproxy.testing import Bioproxy, free_port
 SIZES = {"~1,500 tokens": 40, "~6,000 tokens": 160}  # lines of reference text
 WAYS = {  # how bioproxy warms, and its row's label
     "here": "here (pieces of 150)",
+    "bare": "here, no RAM cache",
     "nice": "warmup llama-server, nice 19",
     "held": "warmup llama-server, nice 19, stopped for users",
 }
@@ -115,7 +118,7 @@ class Case:
                 "warmup_check_interval": 0.2,
                 "slot_save_path": serving.slot_save_path,
             }
-            if way != "here":
+            if way not in ("here", "bare"):
                 warmup = stack.enter_context(llama_server(self.folder, "warmup", 19, ram_cache))
                 config["warmup_backend_url"] = warmup.url
                 if way == "held":

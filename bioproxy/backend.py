@@ -78,6 +78,11 @@ class Slots:
         states = self.fetch_states()
         self.table.mark(slot, key, digest, states.get(slot, UNKNOWN), ran)
 
+    def settle(self, slot, key, digest):
+        """Record that the slot will hold this template version once idle (SlotTable.settle)."""
+        states = self.fetch_states()
+        self.table.settle(slot, key, digest, states.get(slot, UNKNOWN))
+
     def fetch_states(self):
         states = self.api.fetch_states()
         self.table.observe(states)
@@ -180,9 +185,12 @@ class Backend:
     def reload_templates(self):
         """Read the templates again: one whose text is new is stale on every backend."""
         for prefix in self.catalog.reload():
+            template = self.catalog[prefix].template
             for backend in self.siblings:
                 backend.warmth[prefix].mark_stale()
                 backend.variants.prune()  # its variants of the text before
+                backend.slots.table.forget_versions(prefix, template and template.digest)
+                backend.scheduler.dispatch()  # a request may wait for such a slot no more
                 if backend is not self:
                     backend.warmer.wake.set()  # its own pass warms it
 

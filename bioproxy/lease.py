@@ -30,6 +30,9 @@ class Lease:
         # Seconds it waited for its slot (bioproxy's queue), then for the slot to be made
         # ready (a restore, a variant's head): the access log's queued= and ready=.
         self.queued = self.readied = 0.0
+        # Whether its answer's first byte comes only once the prompt is evaluated (not
+        # with return_progress, whose first events come during the evaluation).
+        self.evaluated_first = True
         self.ended = False
 
     @property
@@ -47,12 +50,15 @@ class Lease:
             return
         self.ended = True
         complete = body is not None and body.complete
+        # Cut after its first byte (its client left, say): the prompt was evaluated.
+        started = body is not None and body.status == 200 and bool(body.first)
         try:
             if self.template is not None and body is not None:  # an answer came
                 self._account(body.timings() or {})
         finally:
             if self.ticket is not None:
-                self._release(complete and body.status == 200, drain=not complete)
+                succeeded = complete and body.status == 200
+                self._release(succeeded, started and self.evaluated_first, drain=not complete)
 
     def _account(self, timings):
         """The request counted by what its answer shows: the tokens llama-server reused and
@@ -67,7 +73,13 @@ class Lease:
             warm = _found_warm(reused, tokens)
             if self.cache == "server":
                 self.outcome = "server" if warm else "cold"  # llama-server's own cache
-            elif self.cache != "cold" and not warm:
+            elif self.cache == "cold" and variant is None:
+                # Found all the same, in llama-server's own cache: b11434 loads a RAM copy
+                # for a pinned request too, when its slot held other work (not when it
+                # was empty). Known only with the head's length known. (A variant's cold
+                # request reuses the head bioproxy evaluated for it first: still cold.)
+                self.outcome = "server" if tokens and warm else "cold"
+            elif not warm:
                 self._missed(warmth, reused, tokens)
         metrics.template_requests.labels(prefix, self.outcome).inc()
         warmth.count_request(self.outcome)
@@ -101,17 +113,22 @@ class Lease:
         """What the slot holds once answered: the template's prefix, or its variant's key."""
         return self.variant.key if self.variant else self.entry.prefix
 
-    def _release(self, succeeded, drain):
-        """The slot holds the template if the request succeeded with the current version;
-        any other request (plain, failed, cut off) leaves it holding nothing bioproxy can
-        use. drain: the answer ended early, so the slot waits until llama-server is idle."""
+    def _release(self, succeeded, evaluated, drain):
+        """The slot holds the template if the request succeeded with the current version,
+        or will once llama-server stops there if its answer was cut after the prompt was
+        evaluated; any other request (plain, failed, cut before) leaves it holding nothing
+        bioproxy can use. drain: the answer ended early, so the slot waits until
+        llama-server is idle."""
         backend, slot = self.backend, self.ticket.slot
         try:
             # Only a chat request leaves the template's head there (a templated completion
             # holds its own prompt).
             chat = self.ticket.template is not None
-            if succeeded and chat and self.pinned and self.entry.is_current(self.template):
+            usable = chat and self.pinned and self.entry.is_current(self.template)
+            if succeeded and usable:
                 backend.slots.mark(slot, self.key, self.template.digest)
+            elif evaluated and usable:
+                backend.slots.settle(slot, self.key, self.template.digest)
             else:
                 backend.slots.forget(slot)
         except Exception:

@@ -143,9 +143,9 @@ class LlamaServer:
         # overwrites it), in its loop, before the task: after a templated request the next
         # one waited for its slot's copy (~20 ms behind a ~1,650-token template, 170-280 ms
         # behind ~6,600, on 2 cores; bench.idle_copies). Where a warmup llama-server
-        # evaluates the templates, the serving one's pinned requests never load from that
-        # cache and templates come from their files: the copies serve nobody. Without one
-        # the cache helped warmups in its own slots under load (bench.users_first).
+        # evaluates the templates, the serving one restores them from their files into
+        # the slots bioproxy pins requests to: the copies serve nobody. (A pinned request
+        # loads one when its slot holds other work: docs/TEMPLATES.md.)
         self.ram_cache = ram_cache
         self.port = port
         self.slots = slots

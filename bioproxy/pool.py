@@ -25,14 +25,12 @@ import itertools
 from prometheus_client.core import GaugeMetricFamily
 
 from .router_events import RouterEvents
+from .warmth import SECONDS_PER_TOKEN, UNKNOWN_EVALUATION
 
 # What a restore of a saved cache costs, in seconds, when routing weighs it (tens of
 # milliseconds for a few thousand tokens: docs/BENCHMARKS.md); an evaluation whose time
-# is not known yet is weighed at SECONDS_PER_TOKEN a token of the template, or at
-# UNKNOWN_EVALUATION when its length is not known either.
+# is not known yet is weighed as warmth.py says.
 RESTORE_SECONDS = 0.1
-SECONDS_PER_TOKEN = 0.002
-UNKNOWN_EVALUATION = 10.0
 # How long a user holds a slot, in seconds, where no request has been seen yet.
 DEFAULT_HOLD = 1.0
 

@@ -21,7 +21,10 @@ traffic, through invariants()):
    slots to the queue in order. A ticket that names a busy slot holds no one else up.
    Except for patience: a templated ticket whose template a busy slot holds may wait up
    to PATIENCE s for it instead of evicting another template, keeping the free slot it
-   would take from the tickets behind it; its own acquire() dispatches when that ends.
+   would take from the tickets behind it; and one that would evaluate its template may
+   wait up to its share seconds for a busy slot where a request or a warmup of that
+   version runs, keeping no slot from anyone. Its own acquire() dispatches when either
+   ends.
 5. At most max_queue users wait, however many warmups do: in the queue, and aside
    (wait_aside: before they join it, for their template's evaluation elsewhere).
 6. release() gives a slot back once: a second call for the same ticket does nothing.
@@ -104,6 +107,8 @@ class Scheduler:
         # the free slot at once rather than wait beyond max_queue.
         if ticket.template is not None and ticket.wanted is None and not full:
             ticket.patient_until = ticket.arrived + PATIENCE
+            if ticket.share:
+                ticket.share_until = ticket.arrived + ticket.share
         self.queue.append(ticket)
         self.queue.sort(key=lambda t: (t.priority, t.order))
         self.dispatch()
@@ -176,8 +181,8 @@ class Scheduler:
             if not free:
                 break
             slot = self._best(ticket, free)
-            if slot is None:
-                continue
+            if slot is None or self._shares(ticket, slot):
+                continue  # sharing, it keeps no slot from the tickets behind it
             free.remove(slot)
             if not self._defers(ticket, slot):
                 plan.append((ticket, slot))
@@ -214,9 +219,36 @@ class Scheduler:
             return False
         return any(self.holding(s) == ticket.template for s in set(self.busy) | self.foreign)
 
+    def _shares(self, ticket, slot):
+        """Whether a templated ticket waits for a busy slot that will be left holding its
+        template version, instead of taking slot, which does not hold it: there a request
+        or a warmup of that version runs (its evaluation under way, or its answer), and
+        evaluating the template a second time beside it would slow both (the cores are
+        shared) for less than waiting costs. Or a slot settling on it (SlotTable.settle).
+        Only until its share_until."""
+        if ticket.share_until is None or self.clock() >= ticket.share_until:
+            return False
+        if ticket.digest is None:
+            return False
+        if self.holding(slot) == ticket.template:
+            return False
+        version = (ticket.template, ticket.digest)
+        if any(held[:2] == version for held in self.slots.settling.values()):
+            return True  # a cut answer's slot, free again once llama-server stops there
+        return any(
+            other.pinned and (other.template, other.digest) == version
+            for other in self.busy.values()
+        )
+
     def patient(self, ticket):
         """Whether the ticket's patience for its template's slot has not yet run out."""
         return ticket.patient_until is not None and self.clock() < ticket.patient_until
+
+    def _patience_left(self, ticket):
+        """Seconds until the ticket's next patience ends (see _defers, _shares), or None."""
+        now = self.clock()
+        ends = [u - now for u in (ticket.patient_until, ticket.share_until) if u and u > now]
+        return min(ends) if ends else None
 
     def holding(self, slot):
         """The template prefix a slot holds, as far as bioproxy knows, or None."""
@@ -364,9 +396,9 @@ class Scheduler:
                     if timeout <= 0:
                         self.expire()
                         continue
-                if self.patient(ticket):
+                patience = self._patience_left(ticket)
+                if patience is not None:
                     # It may be deferred: once its patience ends, it takes another slot.
-                    patience = ticket.patient_until - self.clock()
                     timeout = patience if timeout is None else min(timeout, patience)
                 if not ticket.event.wait(timeout):
                     self.dispatch()

@@ -21,6 +21,10 @@ class SlotTable:
         self.model = None  # identity of the loaded model, see model_identity()
         # slot id -> (key, template digest, id_task and tokens seen after bioproxy's use)
         self.held = {}
+        # slot id -> (key, template digest, id_task of the request): a slot whose
+        # request's answer was cut after its first byte, held once llama-server is idle
+        # there (settle()).
+        self.settling = {}
         self.cleared = False  # whether llama-server was seen clearing an idle slot
         self.tasks = {}  # slot id -> last id_task seen, to notice a restart
         self.processing = set()  # slots GET /slots showed processing at the last read
@@ -39,8 +43,10 @@ class SlotTable:
         )
         if restarted or self.model is None:
             self.held.clear()
+            self.settling.clear()
             self.cleared = False  # a new server may have been started otherwise
         self.model, self.tasks = identity, tasks
+        self._settle(states)
         self.processing = {i for i, (_, busy, _) in states.items() if busy}
         self.count = int(props.get("total_slots") or len(slots))
         return restarted
@@ -81,6 +87,31 @@ class SlotTable:
             if _emptied(held, states.get(slot, UNKNOWN)):
                 self.held.pop(slot, None)
                 self.cleared = True
+        self._settle(states)
+
+    def settle(self, slot, key, digest, state):
+        """The slot will hold this template version once llama-server has stopped there:
+        its request's answer was cut after the first byte, so its prompt, the template's
+        head included, was evaluated, and llama-server stops at its next token. state:
+        the slot's now, its task the request's (it was granted to no one else since)."""
+        self.held.pop(slot, None)
+        task = state[0]
+        if task is None or task < 0:
+            return  # not known: it holds nothing bioproxy can tell
+        self.settling[slot] = (key, digest, task)
+        self._settle({slot: state})
+
+    def _settle(self, states):
+        """A settling slot seen idle, its last task still the request's, holds its template;
+        one where another task ran since holds nothing known."""
+        for slot, (key, digest, ours) in list(self.settling.items()):
+            task, busy, tokens = states.get(slot, UNKNOWN)
+            if task is None or (task == ours and busy):
+                continue  # not known now, or llama-server still at work on it
+            del self.settling[slot]
+            if task == ours:
+                self.held[slot] = (key, digest, task, tokens)
+                self.tasks[slot] = max(self.tasks.get(slot, -1), task)
 
     def mark(self, slot, key, digest, state, ran=False):
         """Record that the slot, in this state now, holds this template version.
@@ -89,6 +120,7 @@ class SlotTable:
         slot that shows none belongs to a llama-server that restarted since: it is empty.
         (A restore is not a task: a slot only restored may show none.)
         """
+        self.settling.pop(slot, None)
         task, busy, tokens = state
         if task is None or busy or (ran and task < 0):
             # Unknown, another request already runs there (it will replace the template),
@@ -100,6 +132,20 @@ class SlotTable:
 
     def forget(self, slot):
         self.held.pop(slot, None)
+        self.settling.pop(slot, None)
+
+    def forget_versions(self, prefix, digest):
+        """Forget the slots holding another version of a template than digest (None: any),
+        its variants' and its warmups' that gave way included: after an edit no request
+        can start from them, so they are the first a slot is taken from, not the last,
+        and no request of the template waits for them."""
+        for slot, held in list(self.held.items()):
+            version = held[1].split(",", 1)[0]  # a partial digest starts with the digest
+            if template_of(held[0]) == prefix and (digest is None or version != digest):
+                del self.held[slot]
+        for slot, (key, held_digest, _) in list(self.settling.items()):
+            if template_of(key) == prefix and held_digest != digest:
+                del self.settling[slot]
 
     def partial(self, slot):
         """Whether the slot holds a warmup that gave way part-way: unlike a template's

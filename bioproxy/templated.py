@@ -67,7 +67,7 @@ def forward(backend, raw, body, expansion, send, watch=None):
     the response to the client, its answer's first chunk read; closed, it ends the lease.
     watch, a ClientWatch, ends the request if its client leaves before the answer starts.
     """
-    ticket = _ticket(backend.slots.table, body, expansion)
+    ticket = _ticket(backend.slots.table, body, expansion, _share_seconds(backend, expansion))
     lease = None
     arrived = time.monotonic()
     try:
@@ -91,6 +91,7 @@ def forward(backend, raw, body, expansion, send, watch=None):
                 # Before the slot is made ready: a restore changes what the slot holds.
                 found = expansion.found
                 lease = Lease(backend, ticket, expansion.entry, expansion.template, found.variant)
+                lease.evaluated_first = body.get("return_progress") is not True
                 lease.cache = lease.outcome = _made_ready(backend, ticket, expansion)
             lease.queued, lease.readied = granted - arrived, time.monotonic() - granted
             data = expansion.data if expansion else raw
@@ -136,8 +137,9 @@ def _made_ready(backend, ticket, expansion):
         return backend.variants.make_ready(found, entry, template, ticket.slot)
     if backend.caches.unsupported:
         # No slot files: unpinned, llama-server places it and loads its own copy of the
-        # template from its RAM cache (--cache-ram) if it kept one; pinned, it would not (a
-        # task pinned to a slot never loads from that cache, llama.cpp b11434).
+        # template from its RAM cache (--cache-ram) if it kept one; pinned to an empty
+        # slot, it would not (b11434 loads for a pinned task only when its slot holds
+        # other work: docs/TEMPLATES.md).
         return "server"
     # Unpinned too when llama-server clears idle slots: the restored slot, or the copy of
     # it llama-server keeps in its RAM cache when it clears it, is where it places it. A
@@ -146,7 +148,21 @@ def _made_ready(backend, ticket, expansion):
     return backend.caches.restore_for_request(entry, warmth, template, ticket.slot)
 
 
-def _ticket(slots, body, expansion):
+def _share_seconds(backend, expansion):
+    """How long a templated request may wait for a busy slot where a request or a warmup
+    of its template version runs (Scheduler._shares), rather than evaluate the template
+    again beside it: what an evaluation would take (its last here, else an estimate by
+    its tokens), at most half of queue_timeout. 0 when it would not be evaluated: a
+    variant's head, or a version saved (a restore takes milliseconds)."""
+    if expansion is None or expansion.found.key != expansion.entry.prefix:
+        return 0.0
+    entry, template = expansion.entry, expansion.template
+    if backend.caches.find(entry.prefix, template) is not None:
+        return 0.0
+    return min(backend.warmth[entry.prefix].evaluation_estimate(), backend.queue_timeout / 2)
+
+
+def _ticket(slots, body, expansion, share=0.0):
     """The scheduler Ticket for a request, or None when bioproxy cannot place it."""
     if slots.count == 0:
         return None  # llama-server has not answered the warmer yet (it may be down)
@@ -156,7 +172,8 @@ def _ticket(slots, body, expansion):
     # Only a chat whose opening message is templated reuses a warmed cache: the others
     # (templated completions, a template in a later turn) are placed as plain.
     template = expansion.found.key if expansion else None
-    return Ticket(USER, template, wanted if wanted >= 0 else None)
+    digest = expansion.template.digest if template else None
+    return Ticket(USER, template, wanted if wanted >= 0 else None, digest=digest, share=share)
 
 
 def check_pinnable(raw, body):

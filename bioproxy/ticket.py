@@ -30,10 +30,16 @@ MOVES = {QUEUED: {GRANTED, FULL, TIMEOUT, GONE, MOVED}, GRANTED: {RELEASED}}
 class Ticket:
     """One request's claim on a slot, from its arrival to the slot's release."""
 
-    def __init__(self, priority=USER, template=None, slot=None, label=None):
+    def __init__(self, priority=USER, template=None, slot=None, label=None, digest=None, share=0.0):
         self.priority = priority
         # The key of the cache it needs (a template prefix or a variant key), None for none.
         self.template = template
+        self.digest = digest  # the template version it needs (a warmup's: once granted)
+        # Seconds it may wait for a busy slot that will be left holding its template
+        # version (a request or a warmup of that version runs there) rather than evaluate
+        # the template a second time beside it (Scheduler._shares); until share_until.
+        self.share = share
+        self.share_until = None
         self.wanted = slot  # the one slot it must have (the client named it), or None
         self.label = label or ("warmup" if priority == WARMUP else "request")
         self.outcome = QUEUED

@@ -13,6 +13,10 @@ catalog says it is broken, and nothing is due until its text can be read again.
 import enum
 
 MAX_PAUSE = 600  # seconds: the longest pause before a failed template is tried again
+# An evaluation whose time is not known yet is weighed at SECONDS_PER_TOKEN a token of the
+# template, or at UNKNOWN_EVALUATION seconds when its length is not known either.
+SECONDS_PER_TOKEN = 0.002
+UNKNOWN_EVALUATION = 10.0
 
 
 class State(str, enum.Enum):
@@ -40,6 +44,12 @@ class Warmth:
         # Templated requests by cache, as measured (see lease.Lease).
         self.requests = {"slot": 0, "restored": 0, "server": 0, "cold": 0}
         self.missed = set()  # the expectations found wrong (slot, restored), logged once
+
+    def evaluation_estimate(self):
+        """Seconds an evaluation of the template takes here, as far as bioproxy knows."""
+        if self.evaluation_seconds is not None:
+            return self.evaluation_seconds
+        return self.tokens * SECONDS_PER_TOKEN if self.tokens else UNKNOWN_EVALUATION
 
     def due(self, now):
         """Whether a warmup should start now."""

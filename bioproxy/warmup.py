@@ -51,13 +51,22 @@ class Warmups:
                 # Evaluating here takes seconds and slows every slot: users first. (A
                 # restore takes milliseconds and goes ahead.)
                 backend.gate.wait_until_idle()
-        ticket = Ticket(WARMUP, prefix)  # behind every user request in the queue
+        # Behind every user request in the queue. One that evaluates here waits for a
+        # busy slot where a request of its version runs, which leaves it there, as a
+        # request does (Scheduler._shares).
+        template = entry.template
+        evaluates = elsewhere is None and template is not None
+        if evaluates and not warmth.forced:
+            evaluates = backend.caches.find(prefix, template) is None
+        share = warmth.evaluation_estimate() if evaluates else 0.0
+        ticket = Ticket(WARMUP, prefix, digest=template and template.digest, share=share)
         slot = backend.scheduler.acquire(ticket)
         try:
             # The wait may have been long: warm the text as it is now, if still usable.
             template = entry.template
             if template is None:
                 return
+            ticket.digest = template.digest  # the version its slot will hold (_shares)
             if elsewhere is not None:
                 # Saved there: restored here, even if forced again meanwhile.
                 if self.restore(entry, warmth, template, slot) == EVALUATE:

@@ -119,6 +119,103 @@ def test_past_its_patience_a_templated_request_takes_another_template_s_slot():
     assert (waiting.outcome, waiting.slot) == (GRANTED, 1)
 
 
+def cold(template="@a", digest="v2", share=5.0):
+    """A templated request that would evaluate its template (no slot or file holds it)."""
+    return Ticket(USER, template, digest=digest, share=share)
+
+
+def test_a_request_that_would_evaluate_its_template_waits_for_the_slot_evaluating_it():
+    scheduler = make(count=2)
+    first = scheduler.submit(cold())  # slot 0: evaluates @a's new version
+
+    second = scheduler.submit(cold())
+
+    assert second.outcome == QUEUED  # slot 1 is free, but evaluating @a again beside it
+    assert scheduler.invariants() == []
+    plain = scheduler.submit(user())  # ... and it keeps no slot from anyone
+    assert (plain.outcome, plain.slot) == (GRANTED, 1)
+    scheduler.slots.held[0] = ("@a", "v2", 0)  # first's answer left it there (Lease)
+    scheduler.release(first)
+    assert (second.outcome, second.slot) == (GRANTED, 0)
+
+
+def test_a_warmup_of_the_version_under_way_is_waited_for_too():
+    scheduler = make(count=2)
+    warmup = scheduler.submit(Ticket(WARMUP, "@a"))
+    warmup.digest = "v2"  # as Warmups.warm sets it once granted
+
+    assert scheduler.submit(cold()).outcome == QUEUED
+
+
+@pytest.mark.parametrize(
+    "busy",
+    [
+        Ticket(USER, "@a", digest="v1"),  # another version of it
+        Ticket(USER, "@b", digest="v2"),  # another template
+        Ticket(USER),  # a plain request, even in a slot that held @a
+    ],
+    ids=["other version", "other template", "plain"],
+)
+def test_a_request_takes_a_free_slot_at_once_when_no_busy_slot_will_hold_its_version(busy):
+    scheduler = make(count=2, held={0: "@a"})
+    scheduler.submit(busy)
+
+    assert scheduler.submit(cold()).outcome == GRANTED
+
+
+def test_a_request_whose_version_a_free_slot_holds_takes_it_without_waiting():
+    scheduler = make(count=3)
+    assert scheduler.submit(cold()).slot == 0
+    scheduler.slots.held[2] = ("@a", "v2", 0)  # another request of it just left it there
+
+    assert scheduler.submit(cold()).slot == 2
+
+
+def test_a_request_that_would_restore_or_evaluate_a_variant_does_not_wait():
+    scheduler = make(count=2)
+    scheduler.submit(cold())
+
+    assert scheduler.submit(cold(share=0.0)).outcome == GRANTED
+
+
+def test_past_its_share_a_request_evaluates_its_template_in_a_free_slot():
+    scheduler = make(count=2)
+    scheduler.submit(cold())  # slot 0, evaluating for long
+    waiting = scheduler.submit(cold(share=3.0))
+
+    scheduler.clock.now += 2.9
+    scheduler.dispatch()
+    assert waiting.outcome == QUEUED
+    scheduler.clock.now += 0.1
+    scheduler.dispatch()
+
+    assert (waiting.outcome, waiting.slot) == (GRANTED, 1)
+
+
+def test_acquire_evaluates_in_a_free_slot_once_its_share_is_over():
+    scheduler = Scheduler(Slots(2), max_queue=4, max_wait=30)
+    scheduler.submit(cold())  # slot 0, never released here
+    started = time.monotonic()
+
+    slot = gevent.spawn(scheduler.acquire, cold(share=0.3)).get(timeout=5)
+
+    assert slot == 1
+    assert time.monotonic() - started >= 0.3
+
+
+def test_acquire_takes_the_slot_evaluating_its_version_when_that_request_ends():
+    scheduler = Scheduler(Slots(2), max_queue=4, max_wait=30)
+    first = scheduler.submit(cold())
+    waiter = gevent.spawn(scheduler.acquire, cold(share=20.0))
+    gevent.sleep(0.05)
+    assert not waiter.dead
+
+    scheduler.slots.held[0] = ("@a", "v2", 0)
+    scheduler.release(first)
+
+    assert waiter.get(timeout=1) == 0
+
+
 def test_an_empty_free_slot_is_taken_at_once_while_the_template_s_slot_is_busy():
     scheduler = make(count=3, held={0: "@a", 1: "@b"})
     scheduler.submit(user("@a"))
@@ -441,7 +538,13 @@ def test_random_traffic_with_templates_held_keeps_the_invariants_with_patience(c
         scheduler.clock.now += rng.random() * 0.15  # often within PATIENCE of the last
         roll = rng.random()
         if roll < 0.45:
-            ticket = Ticket(WARMUP if rng.random() < 0.1 else USER, rng.choice(templates_))
+            template = rng.choice(templates_)
+            if rng.random() < 0.1:
+                ticket = Ticket(WARMUP, template, digest="digest")
+            elif template is not None and rng.random() < 0.3:  # it would evaluate it
+                ticket = Ticket(USER, template, digest="digest", share=rng.uniform(0.1, 1))
+            else:
+                ticket = Ticket(USER, template)
             scheduler.submit(ticket)
         elif roll < 0.85 and granted:
             ticket = granted.pop(rng.randrange(len(granted)))
@@ -465,12 +568,12 @@ def test_random_traffic_with_templates_held_keeps_the_invariants_with_patience(c
         assert len(slots) == len(set(slots))
         free = count - len(scheduler.busy) - len(scheduler.foreign)
         if scheduler.queue and free > 0:  # a slot is free while tickets wait: patience only
-            assert any(scheduler.patient(t) for t in scheduler.queue)
+            assert any(scheduler._patience_left(t) for t in scheduler.queue)
             patient_waits += 1
         if free > 0:  # no user waits beyond its patience (warmups may, behind users)
             now, queue = scheduler.clock.now, scheduler.queue
             users = [t for t in queue if t.priority == USER and t.wanted is None]
-            assert all(now - t.arrived < PATIENCE for t in users)
+            assert all(now - t.arrived < max(PATIENCE, t.share) for t in users)
     assert patient_waits > 0  # the patience was exercised
     assert [t.order for t in plain] == sorted(t.order for t in plain)
 
@@ -504,3 +607,60 @@ def test_retry_after_is_about_requests_not_warmups():
     scheduler.release(warmup)
 
     assert scheduler.retry_after() == 1
+
+
+def test_a_cut_answer_s_slot_holds_its_template_once_idle_with_its_task_still_last():
+    table = SlotTable()
+    table.settle(0, "@a", "v2", (7, True, None))  # llama-server still at its next token
+    assert table.holding(0) is None and 0 in table.settling
+
+    table.observe({0: (7, True, 1700)})
+    assert table.holding(0) is None
+    table.observe({0: (7, False, 1703)})
+
+    assert table.held[0] == ("@a", "v2", 7, 1703)
+    assert table.settling == {}
+
+
+def test_a_cut_answer_s_slot_where_another_task_ran_holds_nothing():
+    table = SlotTable()
+    table.settle(0, "@a", "v2", (7, True, None))
+
+    table.observe({0: (9, False, 40)})
+
+    assert table.holding(0) is None and table.settling == {}
+
+
+def test_a_cut_answer_s_slot_in_an_unknown_state_or_a_new_server_s_holds_nothing():
+    table = SlotTable()
+    table.settle(0, "@a", "v2", (None, None, None))
+    table.settle(1, "@a", "v2", (-1, False, None))
+
+    assert table.settling == {} and table.held == {}
+
+
+def test_a_request_waits_for_the_slot_its_version_settles_in():
+    scheduler = make(count=2)
+    scheduler.slots.settle(0, "@a", "v2", (7, True, None))
+    scheduler.foreign.add(0)  # drained: llama-server is still at work there
+
+    waiting = scheduler.submit(cold())
+    assert waiting.outcome == QUEUED  # slot 1 is free, but would evaluate @a again
+    assert scheduler.submit(cold("@b")).outcome == GRANTED  # slot 1, at once
+
+    scheduler.slots.observe({0: (7, False, 1703)})
+    scheduler.slots.processing = set()
+    scheduler.update_foreign()
+    assert (waiting.outcome, waiting.slot) == (GRANTED, 0)
+
+
+def test_a_warmup_that_would_evaluate_waits_for_a_request_of_its_version():
+    scheduler = make(count=2)
+    running = scheduler.submit(cold())  # slot 0: leaves @a's new version there
+
+    warmup = scheduler.submit(Ticket(WARMUP, "@a", digest="v2", share=5.0))
+
+    assert warmup.outcome == QUEUED
+    scheduler.slots.held[0] = ("@a", "v2", 0)
+    scheduler.release(running)
+    assert (warmup.outcome, warmup.slot) == (GRANTED, 0)

@@ -10,7 +10,7 @@ import requests
 import responses
 
 from bioproxy.errors import ClientGone
-from bioproxy.scheduler import USER, Ticket
+from bioproxy.scheduler import GRANTED, USER, Ticket
 from tests.conftest import ADMIN_BASE, BACKEND
 from tests.fake_llama import END, SYSTEM
 from tests.test_metrics import samples
@@ -155,7 +155,7 @@ def test_without_slot_save_path_templates_warm_but_are_not_saved(app, llama, cli
     assert backend(app).caches.registry.entries == {}
     # Pushed out, there is nothing to restore from: no restore attempted, and the request
     # goes unpinned, left to llama-server's own cache (a RAM copy, when it kept one): a
-    # request pinned to a slot never loads from it.
+    # request pinned to an empty slot never loads from it.
     llama.run_other_task(llama.chats[-1]["id_slot"])
     llama.actions.clear()
     answer = ask(client, "@code Again?")
@@ -668,6 +668,62 @@ def test_a_request_queued_while_its_template_breaks_is_restored_as_the_version_i
     assert answer.get_json()["timings"]["cache_n"] > 0
 
 
+def cut_after_the_first_byte(client, text, **extra):
+    """A templated chat request whose client leaves once its answer's first bytes came."""
+    body = {"messages": [{"role": "user", "content": text}], **extra}
+    answer = client.post("/v1/chat/completions", data=json.dumps(body), buffered=False)
+    assert answer.status_code == 200
+    next(answer.response)
+    slot = json.loads(responses.calls[-1].request.body)["id_slot"]
+    answer.close()  # before the answer's end
+    return slot
+
+
+def test_a_slot_whose_answer_was_cut_after_its_first_byte_holds_the_template_once_idle(
+    app, llama, client
+):
+    warmer(app).check()
+    llama.run_other_task(llama.evaluated[0][0])  # so that @code is restored, then answered
+    table = backend(app).slots.table
+
+    slot = cut_after_the_first_byte(client, "@code Why?")
+
+    assert slot in backend(app).scheduler.foreign  # llama-server may still be at work
+    warmer(app).check()  # a pass sees it idle, its last task the request's
+    assert table.holding(slot) == "@code"
+    assert slot not in backend(app).scheduler.foreign
+    answer = ask(client, "@code Again?")
+    assert answer.headers["X-Bioproxy-Cache"] == "slot"
+    assert llama.chats[-1]["id_slot"] == slot
+
+
+def test_a_cut_answer_s_slot_where_other_work_ran_since_holds_nothing(app, llama, client):
+    warmer(app).check()
+    table = backend(app).slots.table
+    slot = cut_after_the_first_byte(client, "@code Why?")
+    llama.run_other_task(slot)  # a client of llama-server's own, before bioproxy looked
+
+    warmer(app).check()
+
+    # Its last task is not the request's: what it holds is not known.
+    digest = catalog(app)["@code"].template.digest
+    assert not backend(app).slots.holds(slot, "@code", digest)
+    assert table.settling == {}
+
+
+def test_a_cut_answer_with_progress_events_holds_nothing(app, llama, client):
+    # With return_progress, llama-server's first events come while it evaluates the
+    # prompt: a client that leaves then leaves part of the template there.
+    warmer(app).check()
+    table = backend(app).slots.table
+
+    slot = cut_after_the_first_byte(client, "@code Why?", return_progress=True)
+    warmer(app).check()
+
+    assert table.holding(slot) is None
+    assert table.settling == {}
+
+
 def test_a_templated_completion_leaves_its_slot_holding_no_template(app, llama, client):
     warmer(app).check()
 
@@ -890,6 +946,50 @@ def test_only_work_for_the_model_holds_warmups_off(app, llama, client):
     assert idle.is_set()
 
 
+def test_an_edit_leaves_the_slots_of_the_version_before_holding_nothing(app, llama, folder):
+    warmer(app).check()
+    table = backend(app).slots.table
+    held = {table.holding(slot): slot for slot in range(table.count)}
+    assert set(held) == {"@code", "@review"}
+    table.held[held["@review"]] = ("@review", "an older digest, 700 characters in", 5, 9)
+
+    (Path(folder) / "code.txt").write_text("Changed.\n<{message}>")
+    (Path(folder) / "review.txt").write_text("Changed too.\n<{message}>")
+    warmer(app).reload()
+
+    # A slot holding them is the first taken for other work, not the last.
+    assert [table.holding(slot) for slot in range(table.count)] == [None, None]
+    assert backend(app).scheduler.submit(Ticket(USER, "@code")).outcome == GRANTED
+
+
+def test_a_slot_keeps_a_template_whose_file_was_written_again_unchanged(app, llama, folder):
+    warmer(app).check()
+    table = backend(app).slots.table
+    before = dict(table.held)
+
+    text = (Path(folder) / "code.txt").read_text()
+    (Path(folder) / "code.txt").write_text(text)
+    warmer(app).reload()
+
+    assert table.held == before
+
+
+def test_a_warmup_waits_for_a_slot_of_its_version_only_when_it_would_evaluate(app, llama):
+    tickets = []
+    scheduler = backend(app).scheduler
+    submit = scheduler.submit
+    scheduler.submit = lambda ticket: tickets.append(ticket) or submit(ticket)
+
+    warmer(app).check()  # evaluated: nothing saved yet
+    backend(app).warmth["@code"].mark_stale()
+    warmer(app).check()  # restored from the file saved then
+
+    first, again = ([t for t in tickets if t.template == "@code"][i] for i in (0, -1))
+    assert first.share == 10.0  # UNKNOWN_EVALUATION: neither its time nor tokens known
+    assert first.digest == catalog(app)["@code"].template.digest
+    assert again.share == 0.0
+
+
 def test_status_shows_slots_with_their_templates_the_queue_and_pending_warmups(app, llama, admin):
     warmer(app).check()
     assert [
@@ -907,9 +1007,10 @@ def test_status_shows_slots_with_their_templates_the_queue_and_pending_warmups(a
 
     status = admin.get("/status").json
 
+    # Slot 1 holds @review as it was before the edit: nothing a request can start from.
     assert [(s["id"], s["template"], s["state"]) for s in status["slots"]] == [
         (0, "@code", "busy"),
-        (1, "@review", "busy"),
+        (1, None, "busy"),
     ]
     assert status["slots"][0]["task"]["template"] == "@code"
     assert [(t["kind"], t["template"]) for t in status["queue"]] == [("request", None)]

@@ -1,5 +1,6 @@
 """A user request never waits for a warmup: the warmup gives way and comes back later."""
 
+import threading
 import time
 
 import requests
@@ -118,3 +119,51 @@ def test_no_warmup_starts_while_a_user_request_is_in_flight(tmp_path):
             lambda: proxy.metric("bioproxy_warmups_total", outcome="ok") == 2,
             what="the warmup after the stream",
         )
+
+
+def test_templated_requests_after_an_edit_share_one_evaluation_of_it(tmp_path):
+    # Warmups in the serving llama-server's own slots: after an edit, the first templated
+    # requests find the new text in no slot and no file. Each was evaluated in full beside
+    # the others (bench.users_first --part load --ways here: 33x the p95 of the run with
+    # no edit). A later one now waits for the slot where the version is evaluated, and is
+    # answered there from what the first left.
+    rules = "".join(LONG.splitlines(keepends=True)[:40])  # ~1,500 tokens
+    template = tmp_path / "long.txt"
+    template.write_text(f"Version 1.\n{rules}\n<{{message}}>")
+    config = {"prefixes": {"@long": "long.txt"}, "warmup_check_interval": 0.2}
+    with (
+        # No RAM cache: llama-server would otherwise load the first one's copy for later
+        # requests pinned to a slot holding other work (b11434), hiding what bioproxy does.
+        start_llama(tmp_path / "llama", slots=2, extra_args=["--cache-ram", "0"]) as llama,
+        Bioproxy(llama.url, tmp_path, config, slot_save_path=llama.slot_save_path) as proxy,
+    ):
+        wait_until(lambda: state(proxy) == "warm", what="the first warmup")
+        (listed,) = proxy.templates().values()
+        tokens, before = listed["tokens"], prompt_tokens(llama)
+        template.write_text(f"Version 2.\n{rules}\n<{{message}}>")
+        wait_until(lambda: state(proxy) != "warm", timeout=10, what="the edit to be seen")
+        answers = {}
+
+        def ask(question):
+            body = {"messages": [{"role": "user", "content": f"@long {question}"}]}
+            body["max_tokens"] = 4
+            answer = requests.post(proxy.proxy_url + "/v1/chat/completions", json=body, timeout=120)
+            answers[question] = answer
+
+        first = threading.Thread(target=ask, args=("What does rule 3 keep?",))
+        second = threading.Thread(target=ask, args=("What does rule 5 log?",))
+        first.start()
+        time.sleep(0.5)  # the first is being evaluated
+        second.start()
+        first.join(120)
+        second.join(120)
+
+        later = answers["What does rule 5 log?"]
+        assert later.status_code == 200, later.text
+        assert answers["What does rule 3 keep?"].status_code == 200
+        assert later.headers["X-Bioproxy-Cache"] == "slot"
+        assert later.json()["timings"]["cache_n"] >= tokens - 16
+        wait_until(lambda: state(proxy) == "warm", what="the new version to be warm")
+        # Evaluated about once in all: the warmup's pieces before the first request, the
+        # rest by the first request, then the two questions and the warmup's last token.
+        assert prompt_tokens(llama) - before <= 1.2 * tokens + 100
