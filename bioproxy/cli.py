@@ -48,7 +48,7 @@ def start_local_backend(settings, binary=None):
         log_path=os.path.join(folder, "llama-server.log"),
         binary=binary,
         ui=llamacpp.ui_path(),
-        ram_cache=False,  # the warmup llama-server beside it evaluates the templates
+        ram_cache=False,  # its copies would serve nobody (LlamaServer.ram_cache)
     )
     print(f"Starting llama-server with {llamacpp.MODEL_FILE} on {server.url}")
     print(f"  its log: {server.log_path}")
@@ -86,10 +86,7 @@ def start_evaluator(server):
         evaluator.start().wait_ready()
     except (llamacpp.LlamaServerError, OSError, subprocess.SubprocessError) as e:
         evaluator.stop()
-        print(
-            f"  not started ({e}): warmups are evaluated in llama-server's own slots "
-            "(started without its RAM cache, which would have helped them under load)"
-        )
+        print(f"  not started ({e}): warmups are evaluated in llama-server's own slots")
         return None
     except BaseException:  # Ctrl+C while it loads
         evaluator.stop()

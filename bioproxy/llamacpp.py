@@ -142,10 +142,10 @@ class LlamaServer:
         # whose tokens changed into that RAM cache (and a slot it picks itself, before it
         # overwrites it), in its loop, before the task: after a templated request the next
         # one waited for its slot's copy (~20 ms behind a ~1,650-token template, 170-280 ms
-        # behind ~6,600, on 2 cores; bench.idle_copies). Where a warmup llama-server
-        # evaluates the templates, the serving one restores them from their files into
-        # the slots bioproxy pins requests to: the copies serve nobody. (A pinned request
-        # loads one when its slot holds other work: docs/TEMPLATES.md.)
+        # behind ~6,600, on 2 cores; bench.idle_copies). With -np, bioproxy pins each
+        # templated request to a slot that holds its template, restored from its file, or
+        # shares the one where it is being evaluated: the copies serve nobody. (A pinned
+        # request loads one when its slot holds other work: docs/TEMPLATES.md.)
         self.ram_cache = ram_cache
         self.port = port
         self.slots = slots
