@@ -73,12 +73,13 @@ class Lease:
             warm = _found_warm(reused, tokens)
             if self.cache == "server":
                 self.outcome = "server" if warm else "cold"  # llama-server's own cache
-            elif self.cache == "cold" and variant is None:
+            elif self.cache == "cold":
                 # Found all the same, in llama-server's own cache: b11434 loads a RAM copy
                 # for a pinned request too, when its slot held other work (not when it
                 # was empty). Known only with the head's length known. (A variant's cold
                 # request reuses the head bioproxy evaluated for it first: still cold.)
-                self.outcome = "server" if tokens and warm else "cold"
+                found = tokens and warm and variant is None and self._placed_for_template()
+                self.outcome = "server" if found else "cold"
             elif not warm:
                 self._missed(warmth, reused, tokens)
         metrics.template_requests.labels(prefix, self.outcome).inc()
@@ -86,6 +87,11 @@ class Lease:
         if variant is not None:
             variant.count_request(self.outcome)
             self.backend.variants.used(variant)
+
+    def _placed_for_template(self):
+        """Placed by bioproxy for the template's cache (not a templated completion, nor a
+        chat whose template came in a later turn: those reuse prompts of their own)."""
+        return self.ticket is not None and self.ticket.template is not None
 
     def _missed(self, warmth, reused, tokens):
         """Expected warm, measured cold: counted as a miss, logged once per kind."""
@@ -131,6 +137,8 @@ class Lease:
                 backend.slots.settle(slot, self.key, self.template.digest)
             else:
                 backend.slots.forget(slot)
+            if self.entry is not None and not self.entry.is_current(self.template):
+                backend.slots.forget(slot)  # edited while its state was read: stale now
         except Exception:
             # Runs as a response's close callback: one that raises would skip the ones
             # after it (the request's own bookkeeping). The slot is then not known to hold it.

@@ -235,6 +235,8 @@ class Scheduler:
         version = (ticket.template, ticket.digest)
         if any(held[:2] == version for held in self.slots.settling.values()):
             return True  # a cut answer's slot, free again once llama-server stops there
+        if any(self.slots.held.get(s, ())[:2] == version for s in self.foreign):
+            return True  # one that settled, not yet seen idle by the watcher's pass
         return any(
             other.pinned and (other.template, other.digest) == version
             for other in self.busy.values()

@@ -67,7 +67,7 @@ def forward(backend, raw, body, expansion, send, watch=None):
     the response to the client, its answer's first chunk read; closed, it ends the lease.
     watch, a ClientWatch, ends the request if its client leaves before the answer starts.
     """
-    ticket = _ticket(backend.slots.table, body, expansion, _share_seconds(backend, expansion))
+    ticket = _ticket(backend.slots.table, body, expansion)
     lease = None
     arrived = time.monotonic()
     try:
@@ -83,6 +83,8 @@ def forward(backend, raw, body, expansion, send, watch=None):
 
                 backend.scheduler.wait_aside(ticket, evaluated)
             if ticket is not None:
+                # After that wait: a file saved meanwhile is restored, not waited for.
+                ticket.share = _share_seconds(backend, expansion)
                 backend.scheduler.acquire(ticket)
             granted = time.monotonic()
             if expansion is None:
@@ -101,6 +103,8 @@ def forward(backend, raw, body, expansion, send, watch=None):
                 ticket.pinned = backend.pins() and lease.cache != "server"
                 if ticket.pinned:
                     data = _pin(data, body, ticket.slot)
+                else:
+                    backend.scheduler.dispatch()  # no one shares its slot (_shares)
             return send(data, lease)
     except BaseException:
         if lease is not None:
@@ -162,7 +166,7 @@ def _share_seconds(backend, expansion):
     return min(backend.warmth[entry.prefix].evaluation_estimate(), backend.queue_timeout / 2)
 
 
-def _ticket(slots, body, expansion, share=0.0):
+def _ticket(slots, body, expansion):
     """The scheduler Ticket for a request, or None when bioproxy cannot place it."""
     if slots.count == 0:
         return None  # llama-server has not answered the warmer yet (it may be down)
@@ -173,7 +177,7 @@ def _ticket(slots, body, expansion, share=0.0):
     # (templated completions, a template in a later turn) are placed as plain.
     template = expansion.found.key if expansion else None
     digest = expansion.template.digest if template else None
-    return Ticket(USER, template, wanted if wanted >= 0 else None, digest=digest, share=share)
+    return Ticket(USER, template, wanted if wanted >= 0 else None, digest=digest)
 
 
 def check_pinnable(raw, body):

@@ -66,7 +66,9 @@ class Warmups:
             template = entry.template
             if template is None:
                 return
-            ticket.digest = template.digest  # the version its slot will hold (_shares)
+            if ticket.digest != template.digest:  # edited while it waited
+                ticket.digest = template.digest  # the version its slot will hold (_shares)
+                backend.scheduler.dispatch()
             if elsewhere is not None:
                 # Saved there: restored here, even if forced again meanwhile.
                 if self.restore(entry, warmth, template, slot) == EVALUATE:
@@ -185,6 +187,8 @@ class Warmups:
             return
         # After the save: what the slot last ran is then what bioproxy saw last.
         backend.slots.mark(slot, entry.prefix, template.digest, ran=True)
+        if not entry.is_current(template):
+            backend.slots.forget(slot)  # edited meanwhile: its version is of no use now
         self.warmed(run, warmth, tokens, evaluated)
 
     def resumable(self, entry, template, slot, partial):

@@ -10,7 +10,8 @@ import requests
 import responses
 
 from bioproxy.errors import ClientGone
-from bioproxy.scheduler import GRANTED, USER, Ticket
+from bioproxy.scheduler import USER, Ticket
+from bioproxy.slot_table import partial_digest
 from tests.conftest import ADMIN_BASE, BACKEND
 from tests.fake_llama import END, SYSTEM
 from tests.test_metrics import samples
@@ -951,15 +952,18 @@ def test_an_edit_leaves_the_slots_of_the_version_before_holding_nothing(app, lla
     table = backend(app).slots.table
     held = {table.holding(slot): slot for slot in range(table.count)}
     assert set(held) == {"@code", "@review"}
-    table.held[held["@review"]] = ("@review", "an older digest, 700 characters in", 5, 9)
+    old = catalog(app)["@review"].template.digest
+    table.held[held["@review"]] = ("@review", partial_digest(old, 700), 5, 9)
 
     (Path(folder) / "code.txt").write_text("Changed.\n<{message}>")
+    warmer(app).reload()
+    assert table.holding(held["@code"]) is None
+    assert table.holding(held["@review"]) == "@review"  # a part of its own version: kept
     (Path(folder) / "review.txt").write_text("Changed too.\n<{message}>")
     warmer(app).reload()
 
     # A slot holding them is the first taken for other work, not the last.
     assert [table.holding(slot) for slot in range(table.count)] == [None, None]
-    assert backend(app).scheduler.submit(Ticket(USER, "@code")).outcome == GRANTED
 
 
 def test_a_slot_keeps_a_template_whose_file_was_written_again_unchanged(app, llama, folder):
@@ -975,19 +979,52 @@ def test_a_slot_keeps_a_template_whose_file_was_written_again_unchanged(app, lla
 
 
 def test_a_warmup_waits_for_a_slot_of_its_version_only_when_it_would_evaluate(app, llama):
-    tickets = []
+    tickets = []  # (ticket, its digest when it asked for a slot)
     scheduler = backend(app).scheduler
     submit = scheduler.submit
-    scheduler.submit = lambda ticket: tickets.append(ticket) or submit(ticket)
+    scheduler.submit = lambda ticket: tickets.append((ticket, ticket.digest)) or submit(ticket)
 
     warmer(app).check()  # evaluated: nothing saved yet
     backend(app).warmth["@code"].mark_stale()
     warmer(app).check()  # restored from the file saved then
 
-    first, again = ([t for t in tickets if t.template == "@code"][i] for i in (0, -1))
+    (first, digest), (again, _) = (
+        [t for t in tickets if t[0].template == "@code"][i] for i in (0, -1)
+    )
     assert first.share == 10.0  # UNKNOWN_EVALUATION: neither its time nor tokens known
-    assert first.digest == catalog(app)["@code"].template.digest
+    assert digest == catalog(app)["@code"].template.digest  # known while it waits
     assert again.share == 0.0
+
+
+def counted(app, cache, timings, variant=None, ticket_template="@code"):
+    """The outcome of a templated request's answer as its lease counts it."""
+    from bioproxy.lease import Lease
+    from bioproxy.variants import Variant
+
+    entry = catalog(app)["@code"]
+    if variant is not None:
+        variant = Variant(f"@code {variant}", "@code", entry.template.digest, 900)
+    lease = Lease(backend(app), Ticket(USER, ticket_template), entry, entry.template, variant)
+    lease.cache = lease.outcome = cache
+    lease._account(timings)
+    return lease.outcome
+
+
+def test_a_cold_request_llama_server_answered_from_its_own_cache_is_counted_server(app, llama):
+    backend(app).warmth["@code"].tokens = 900
+    misses = backend(app).metrics.template_misses
+
+    assert counted(app, "cold", {"cache_n": 895, "prompt_n": 6}) == "server"
+    assert counted(app, "cold", {"cache_n": 24, "prompt_n": 877}) == "cold"
+    # A variant's cold request reuses the head bioproxy evaluated for it: cold, and no
+    # miss when it reused nothing (llama-server may place it elsewhere, unpinned).
+    assert counted(app, "cold", {"cache_n": 895, "prompt_n": 6}, variant="1a2b") == "cold"
+    assert counted(app, "cold", {"cache_n": 0, "prompt_n": 906}, variant="1a2b") == "cold"
+    # A templated completion, or a chat with the template in a later turn: its own prompt.
+    assert counted(app, "cold", {"cache_n": 950, "prompt_n": 6}, ticket_template=None) == "cold"
+    assert sum(s.value for m in misses.collect() for s in m.samples) == 0
+    backend(app).warmth["@code"].tokens = None  # the head's length not known: cold
+    assert counted(app, "cold", {"cache_n": 895, "prompt_n": 6}) == "cold"
 
 
 def test_status_shows_slots_with_their_templates_the_queue_and_pending_warmups(app, llama, admin):
