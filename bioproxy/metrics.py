@@ -113,8 +113,8 @@ class Metrics:
         self.template_requests = Counter(
             f"{PREFIX}_template_requests_total",
             "Templated requests, by template and cache state as measured by llama.cpp's "
-            "timings: slot (already held), restored (loaded from its saved file), cold "
-            "(the template evaluated).",
+            "timings: slot (already held), restored (loaded from its saved file), server "
+            "(found in llama-server's own cache), cold (the template evaluated).",
             ["template", "cache"],
             **per_template,
         )
