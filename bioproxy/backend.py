@@ -136,7 +136,7 @@ class Backend:
         self.upstream = upstream(settings, spec.url, spec.api_key, spec.model)
         self.metrics = metrics
         self.catalog = catalog
-        self.slots = Slots(SlotTable(), SlotApi(self.upstream, settings.slot_timeout))
+        self.slots = Slots(SlotTable(catalog.digest), SlotApi(self.upstream, settings.slot_timeout))
         self.queue_timeout = settings.queue_timeout  # also the longest wait for the evaluator
         self.scheduler = Scheduler(
             self.slots.table, settings.queue_max_length, settings.queue_timeout, metrics, spec.name
@@ -185,12 +185,12 @@ class Backend:
     def reload_templates(self):
         """Read the templates again: one whose text is new is stale on every backend."""
         for prefix in self.catalog.reload():
-            template = self.catalog[prefix].template
             for backend in self.siblings:
                 backend.warmth[prefix].mark_stale()
                 backend.variants.prune()  # its variants of the text before
-                backend.slots.table.forget_versions(prefix, template and template.digest)
-                backend.scheduler.dispatch()  # a request may wait for such a slot no more
+                # Its slots of the version before now hold nothing (SlotTable.holding): a
+                # request may wait for them no more.
+                backend.scheduler.dispatch()
                 if backend is not self:
                     backend.warmer.wake.set()  # its own pass warms it
 

@@ -56,6 +56,11 @@ class Catalog:
     def __len__(self):
         return len(self.entries)
 
+    def digest(self, prefix):
+        """The digest of a prefix's template as last read: None while broken or unknown."""
+        entry = self.entries.get(prefix)
+        return entry.digest if entry else None
+
     def reload(self):
         """Read every template again: the prefixes whose text is new (added, changed, mended)."""
         changed = []

@@ -130,15 +130,15 @@ class Lease:
             # Only a chat request leaves the template's head there (a templated completion
             # holds its own prompt).
             chat = self.ticket.template is not None
-            usable = chat and self.pinned and self.entry.is_current(self.template)
+            # A version before an edit is recorded too, and holds nothing while the edit
+            # stands (SlotTable.holding).
+            usable = chat and self.pinned
             if succeeded and usable:
                 backend.slots.mark(slot, self.key, self.template.digest)
             elif evaluated and usable:
                 backend.slots.settle(slot, self.key, self.template.digest)
             else:
                 backend.slots.forget(slot)
-            if self.entry is not None and not self.entry.is_current(self.template):
-                backend.slots.forget(slot)  # edited while its state was read: stale now
         except Exception:
             # Runs as a response's close callback: one that raises would skip the ones
             # after it (the request's own bookkeeping). The slot is then not known to hold it.

@@ -228,8 +228,8 @@ class Scheduler:
         Only until its share_until."""
         if ticket.share_until is None or self.clock() >= ticket.share_until:
             return False
-        if ticket.digest is None:
-            return False
+        if ticket.digest is None or not self.slots.current(ticket.template, ticket.digest):
+            return False  # a version before an edit: no slot will be left holding it
         if self.holding(slot) == ticket.template:
             return False
         version = (ticket.template, ticket.digest)

@@ -16,7 +16,10 @@ UNKNOWN = (None, None, None)
 class SlotTable:
     """llama-server's slots as last read: their count, the model, and what each holds."""
 
-    def __init__(self):
+    def __init__(self, versions=None):
+        """versions: prefix -> the digest of its template's current version (None while
+        broken); a record of another version holds nothing. None: every version counts."""
+        self.versions = versions
         self.count = 0
         self.model = None  # identity of the loaded model, see model_identity()
         # slot id -> (key, template digest, id_task and tokens seen after bioproxy's use)
@@ -56,9 +59,17 @@ class SlotTable:
 
     def holding(self, slot):
         """The key (template prefix or variant key) of what a slot holds, as far as
-        bioproxy knows, or None."""
+        bioproxy knows, or None. A version before an edit counts as nothing: no request
+        can start from it, so its slot is the first taken for other work, not the last,
+        and no request waits for it. Its record stays, of use again if the edit is undone."""
         held = self.held.get(slot)
-        return held[0] if held else None
+        return held[0] if held and self.current(held[0], held[1]) else None
+
+    def current(self, key, digest):
+        """Whether digest (a partial one included) is the current version of key's template."""
+        if self.versions is None:
+            return True
+        return digest.split(",", 1)[0] == self.versions(template_of(key))
 
     def holds(self, slot, key, digest, state):
         """Whether the slot still holds this template version, given its state now.
@@ -134,24 +145,11 @@ class SlotTable:
         self.held.pop(slot, None)
         self.settling.pop(slot, None)
 
-    def forget_versions(self, prefix, digest):
-        """Forget the slots holding another version of a template than digest (None: any),
-        its variants' and its warmups' that gave way included: after an edit no request
-        can start from them, so they are the first a slot is taken from, not the last,
-        and no request of the template waits for them."""
-        for slot, held in list(self.held.items()):
-            version = held[1].split(",", 1)[0]  # a partial digest starts with the digest
-            if template_of(held[0]) == prefix and (digest is None or version != digest):
-                del self.held[slot]
-        for slot, (key, held_digest, _) in list(self.settling.items()):
-            if template_of(key) == prefix and held_digest != digest:
-                del self.settling[slot]
-
     def partial(self, slot):
         """Whether the slot holds a warmup that gave way part-way: unlike a template's
         cache, that is saved nowhere else."""
         held = self.held.get(slot)
-        return bool(held) and held[1].endswith(PARTIAL)
+        return self.holding(slot) is not None and held[1].endswith(PARTIAL)
 
     def whole(self, slot):
         """The key of the cache the slot holds whole, or None: a slot holding part of a

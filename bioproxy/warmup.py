@@ -187,8 +187,6 @@ class Warmups:
             return
         # After the save: what the slot last ran is then what bioproxy saw last.
         backend.slots.mark(slot, entry.prefix, template.digest, ran=True)
-        if not entry.is_current(template):
-            backend.slots.forget(slot)  # edited meanwhile: its version is of no use now
         self.warmed(run, warmth, tokens, evaluated)
 
     def resumable(self, entry, template, slot, partial):

@@ -19,7 +19,7 @@ from bioproxy.scheduler import (
     Scheduler,
     Ticket,
 )
-from bioproxy.slot_table import SlotTable
+from bioproxy.slot_table import SlotTable, partial_digest
 
 
 class Clock:
@@ -161,6 +161,21 @@ def test_a_request_takes_a_free_slot_at_once_when_no_busy_slot_will_hold_its_ver
     scheduler.submit(busy)  # slot 0
 
     assert scheduler.submit(cold()).slot == 1  # empty: _shares alone decides
+
+
+def test_a_request_of_a_version_before_an_edit_waits_for_its_like_no_more():
+    versions = {"@a": "v2"}
+    scheduler = make(count=2)
+    scheduler.slots.versions = versions.get
+    scheduler.submit(cold())  # evaluating v2 in slot 0
+    waiting = scheduler.submit(cold())
+    assert waiting.outcome == QUEUED
+
+    versions["@a"] = "v3"  # edited: slot 0 will be left holding nothing of use
+    scheduler.dispatch()  # as Backend.reload_templates does
+
+    assert (waiting.outcome, waiting.slot) == (GRANTED, 1)
+    assert scheduler.invariants() == []
 
 
 def test_a_request_whose_version_a_free_slot_holds_takes_it_without_waiting():
@@ -620,6 +635,29 @@ def test_a_cut_answer_s_slot_holds_its_template_once_idle_with_its_task_still_la
 
     assert table.held[0] == ("@a", "v2", 7, 1703)
     assert table.settling == {}
+
+
+def test_a_slot_holding_a_version_before_an_edit_holds_nothing_until_the_edit_is_undone():
+    versions = {"@a": "v2", "@b": "w1"}
+    table = SlotTable(versions.get)
+    table.mark(0, "@a", "v2", (7, False, 1703))
+    table.mark(1, "@a", partial_digest("v2", 700), (8, False, 300))
+    table.mark(2, "@a 1a2b3c4d5e6f7a8b", "v2", (9, False, 1800))  # a variant of it
+    table.mark(3, "@b", "w1", (10, False, 900))
+    table.count = 4
+
+    versions["@a"] = "v3"
+    assert [table.holding(s) for s in range(4)] == [None, None, None, "@b"]
+    assert not table.partial(1) and table.whole(3) == "@b"
+    table.mark(4, "@a", "v2", (11, False, 1703))  # a request read before the edit ends
+    assert table.holding(4) is None
+
+    versions["@a"] = "v2"  # the edit undone: no other task ran in those slots
+    assert [table.holding(s) for s in range(5)] == ["@a", "@a", "@a 1a2b3c4d5e6f7a8b", "@b", "@a"]
+    assert table.partial(1) and table.whole(1) is None
+    versions["@b"] = None  # broken
+
+    assert table.holding(3) is None
 
 
 def test_a_cut_answer_s_slot_where_another_task_ran_holds_nothing():

@@ -966,6 +966,22 @@ def test_an_edit_leaves_the_slots_of_the_version_before_holding_nothing(app, lla
     assert [table.holding(slot) for slot in range(table.count)] == [None, None]
 
 
+def test_an_edit_undone_finds_its_template_still_in_its_slot(app, llama, folder, client):
+    warmer(app).check()
+    slot = llama.evaluated[0][0]
+    (folder / "code.txt").write_text("Changed.\n<{message}>")
+    warmer(app).reload()
+    assert backend(app).slots.table.holding(slot) is None
+    llama.actions.clear()
+
+    (folder / "code.txt").write_text(CODE)  # undone before a warmup ran
+    warmer(app).reload()
+    answer = ask(client, "@code Why?")
+
+    assert answer.headers["X-Bioproxy-Cache"] == "slot"
+    assert llama.chats[-1]["id_slot"] == slot and llama.actions == []
+
+
 def test_a_slot_keeps_a_template_whose_file_was_written_again_unchanged(app, llama, folder):
     warmer(app).check()
     table = backend(app).slots.table
