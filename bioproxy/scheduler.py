@@ -191,9 +191,12 @@ class Scheduler:
     def _best(self, ticket, free):
         """The free slot a ticket would take, or None if none will do.
 
-        A slot holding the ticket's template; else the coldest: an empty slot first (plain
-        requests leave their slots "empty" for bioproxy), then the least recently used
-        template's, and a warmup's that gave way part-way last (it would start over).
+        A slot holding the ticket's template; else the coldest: an empty slot or one
+        holding a version before an edit, then the least recently used template's, and a
+        warmup's that gave way part-way last (it would start over). Of the first two, a
+        plain request takes an empty one first (plain requests leave their slots "empty"
+        for bioproxy, and llama-server reuses what the next shares with the last one), a
+        templated one the old version's (of use to no one).
         """
         if ticket.wanted is not None:
             return ticket.wanted if ticket.wanted in free else None
@@ -206,6 +209,7 @@ class Scheduler:
             key=lambda s: (
                 self.holding(s) is not None,
                 self.slots.partial(s),
+                self.slots.stale(s) == (ticket.template is None),
                 self.used.get(s, 0.0),
                 s,
             ),

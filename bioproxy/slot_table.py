@@ -60,10 +60,18 @@ class SlotTable:
     def holding(self, slot):
         """The key (template prefix or variant key) of what a slot holds, as far as
         bioproxy knows, or None. A version before an edit counts as nothing: no request
-        can start from it, so its slot is the first taken for other work, not the last,
-        and no request waits for it. Its record stays, of use again if the edit is undone."""
+        can start from it, so its slot is taken for other work before any template's
+        (see stale()), and no request waits for it. Its record stays, of use again if
+        the edit is undone."""
         held = self.held.get(slot)
         return held[0] if held and self.current(held[0], held[1]) else None
+
+    def stale(self, slot):
+        """Whether the slot holds a version of a template before an edit (or of a broken
+        one): nothing a request can start from, but the prefix of the chat template,
+        which an empty slot used for plain requests has kept of theirs."""
+        held = self.held.get(slot)
+        return bool(held) and not self.current(held[0], held[1])
 
     def current(self, key, digest):
         """Whether digest (a partial one included) is the current version of key's template."""

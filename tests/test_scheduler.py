@@ -90,6 +90,22 @@ def test_without_its_template_a_request_evicts_an_empty_slot_first_then_the_cold
     assert scheduler.submit(user("@d")).slot == 1  # @b's, least recently used
 
 
+def test_a_slot_of_a_version_before_an_edit_goes_to_templates_before_an_empty_one():
+    versions = {"@a": "v2", "@b": "digest"}
+    scheduler = make(count=3, held={1: "@b"})
+    scheduler.slots.versions = versions.get
+    scheduler.slots.held[0] = ("@a", "v1", 0)  # @a edited since
+    scheduler.release(scheduler.submit(user(slot=2)))  # the empty one, used last
+
+    # A plain request's last prompt is there, the chat template's start at least: kept to.
+    assert scheduler.submit(user()).slot == 2
+    assert scheduler.submit(user()).slot == 0  # then the old version's, not @b's
+    scheduler.release(scheduler.busy[2])
+    scheduler.release(scheduler.busy[0])
+
+    assert scheduler.submit(Ticket(WARMUP, "@a")).slot == 0  # a template: the old version's
+
+
 def test_a_templated_request_waits_briefly_for_its_busy_slot_rather_than_evict_another():
     # Issue 11.5: sent as soon as the previous answer ended, before its slot was given
     # back, a request was restored into the other slot and evicted that one's template.

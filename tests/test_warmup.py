@@ -962,7 +962,7 @@ def test_an_edit_leaves_the_slots_of_the_version_before_holding_nothing(app, lla
     (Path(folder) / "review.txt").write_text("Changed too.\n<{message}>")
     warmer(app).reload()
 
-    # A slot holding them is the first taken for other work, not the last.
+    # A slot holding them is taken for other work before any template's.
     assert [table.holding(slot) for slot in range(table.count)] == [None, None]
 
 
