@@ -167,3 +167,34 @@ def test_templated_requests_after_an_edit_share_one_evaluation_of_it(tmp_path):
         # Evaluated about once in all: the warmup's pieces before the first request, the
         # rest by the first request, then the two questions and the warmup's last token.
         assert prompt_tokens(llama) - before <= 1.2 * tokens + 100
+
+
+def test_a_plain_request_after_an_edit_keeps_to_its_own_slot(tmp_path):
+    # After an edit the template's slot holds nothing of use, yet a plain request that
+    # took it (the least recently used) evaluated its whole prompt again there, where
+    # its own slot held all but its last token (bench.users_first: 9 tokens, not 1).
+    template = tmp_path / "short.txt"
+    template.write_text("Answer briefly.\n<{message}>")
+    config = {"prefixes": {"@short": "short.txt"}, "warmup_check_interval": 0.2}
+
+    def plain():
+        body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 1}
+        answer = requests.post(proxy.proxy_url + "/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["timings"]
+
+    with (
+        start_llama(tmp_path / "llama", slots=2, extra_args=["--cache-ram", "0"]) as llama,
+        Bioproxy(llama.url, tmp_path, config, slot_save_path=llama.slot_save_path) as proxy,
+    ):
+        wait_until(lambda: state(proxy) == "warm", what="the first warmup")
+        plain()
+        again = plain()
+        assert again["prompt_n"] <= 2  # its slot held it
+        template.unlink()  # broken: no version of it is warmed again meanwhile
+        wait_until(lambda: state(proxy) == "broken", timeout=10, what="the edit to be seen")
+
+        after = plain()
+
+        assert after["prompt_n"] == again["prompt_n"]
+        assert after["cache_n"] == again["cache_n"]
