@@ -392,6 +392,14 @@ class Backend:
             )
         if self.evaluator is not None and self.evaluator.problem:
             notes.append(f"the warmup llama-server is not used: {self.evaluator.problem}")
+        if self.evaluator is None or self.evaluator.problem:
+            # Measured (docs/BENCHMARKS.md, users during a warmup): 6-9x idle at p50.
+            notes.append(
+                "templates are evaluated in this llama-server's own slots: a user who "
+                "arrives meanwhile waits for the batch under way, several times the idle "
+                "time to first token; a warmup llama-server (warmup_backend_url) keeps users "
+                "near it (docs/SCHEDULING.md, Users first)"
+            )
         return {
             "pinned": pins,
             "clears_idle_slots": table.cleared,

@@ -61,7 +61,9 @@ def test_templates_are_evaluated_there_and_restored_here(app, fake_llama, evalua
     assert [a for a, _, _ in fake_llama.actions] == ["restore", "restore"]
     states = {e["prefix"]: e["state"] for e in admin.get("/templates").get_json()["templates"]}
     assert states == {"@code": "warm", "@review": "warm"}
-    assert admin.get("/status").get_json()["backend_mode"]["warmup_backend"] == {
+    mode = admin.get("/status").get_json()["backend_mode"]
+    assert not any("own slots" in note for note in mode["notes"])
+    assert mode["warmup_backend"] == {
         "url": EVALUATOR,
         "usable": True,
         "problem": None,
@@ -103,7 +105,8 @@ def test_another_model_there_is_not_used(app, fake_llama, evaluator, admin, capl
     mode = admin.get("/status").get_json()["backend_mode"]
     assert mode["warmup_backend"]["usable"] is False
     assert "not the serving llama-server's" in mode["warmup_backend"]["problem"]
-    assert any("warmup llama-server" in note for note in mode["notes"])
+    assert any("warmup llama-server is not used" in note for note in mode["notes"])
+    assert any("own slots" in note for note in mode["notes"])  # and what that costs users
     assert sum("not used" in r.message for r in caplog.records) == 1  # said once
 
 

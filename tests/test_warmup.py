@@ -380,6 +380,8 @@ def test_with_llama_cpp_s_defaults_requests_go_unpinned_to_its_own_cache(app, ll
     mode = admin.get("/status").json["backend_mode"]
     assert (mode["pinned"], mode["clears_idle_slots"], mode["saves"]) == (False, True, False)
     assert any("--slot-save-path" in note for note in mode["notes"])
+    # No warmup llama-server: users who arrive during a warmup are told what it costs.
+    assert any("own slots" in note and "warmup_backend_url" in note for note in mode["notes"])
 
 
 def test_a_follow_up_turn_keeps_the_template_and_reuses_the_cache(app, llama, client):
