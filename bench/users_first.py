@@ -4,9 +4,10 @@ A template of about 1,500 and one of about 6,000 tokens is edited (so nothing of
 cached) and bioproxy warms it again while a user sends short streamed requests ("Say
 hi.", at random gaps of 0.2 to 1 s). Each request's time to the first token is compared
 with the same request on the idle server, sampled in the same run just before each
-edit. Four ways bioproxy warms, each against a fresh llama-server started as bioproxy
-starts its own (-np 2, a slot folder; with a warmup llama-server, both without a RAM
-cache, as the bioproxy command starts them):
+edit: the users' p50 and p95 against the idle median, and their p95 against the idle
+p95 too (the idle server has a tail of its own). Four ways bioproxy warms, each against
+a fresh llama-server started as bioproxy starts its own (-np 2, a slot folder; with a
+warmup llama-server, both without a RAM cache, as the bioproxy command starts them):
 
 - here:  in the serving llama-server's own slots, in pieces of warmup_piece_chars (150),
          cancelled by each user and started again once no user is in flight (llama.cpp's
@@ -41,7 +42,7 @@ import time
 
 import requests
 
-from bench.proxy_overhead import machine, table
+from bench.proxy_overhead import machine, percentile, table
 from bench.scheduling import DuringWarmup, reference
 from bioproxy.llamacpp import LlamaServer
 from bioproxy.testing import Bioproxy, free_port
@@ -53,7 +54,7 @@ WAYS = {  # how bioproxy warms, and its row's label
     "nice": "warmup llama-server, nice 19",
     "held": "warmup llama-server, nice 19, stopped for users",
 }
-IDLE_SAMPLES = 5
+IDLE_SAMPLES = 10  # a round's idle requests before its edit: the idle p95 needs a few dozen
 
 
 def llama_server(folder, name, nice=0, ram_cache=True):
@@ -71,11 +72,6 @@ def llama_server(folder, name, nice=0, ram_cache=True):
 def first_token(url, content="Say hi."):
     """Seconds to the first token of a short streamed chat request."""
     return DuringWarmup.user(url, content=content)
-
-
-def percentile(values, p):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 class Case:
@@ -267,6 +263,7 @@ def main():
                 label = WAYS[way]
                 idle, busy, warmup, stopped = case.run(way)
                 idle_ms = statistics.median(idle) * 1e3
+                idle_p95 = percentile(idle, 95) * 1e3
                 p50, p95 = (percentile(busy, p) * 1e3 for p in (50, 95))
                 note = f" (user stopped {stopped}×)" if stopped else ""
                 rows.append(
@@ -278,6 +275,8 @@ def main():
                         f"{p95:.0f}",
                         f"{p50 / idle_ms:.2f}",
                         f"{p95 / idle_ms:.2f}",
+                        f"{idle_p95:.0f}",
+                        f"{p95 / idle_p95:.2f}",
                         f"{warmup:.1f}{note}",
                         f"{warmup / alone:.2f}",
                     ]
@@ -294,6 +293,8 @@ def main():
         "p95 ms",
         "p50 ÷ idle",
         "p95 ÷ idle",
+        "idle p95 ms",
+        "p95 ÷ idle p95",
         "warmup s",
         "÷ alone",
     ]
