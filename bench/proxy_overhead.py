@@ -1,8 +1,9 @@
 """What bioproxy adds: latency, throughput and streaming delay, side by side in one run.
 
-Three ways to reach the same llama-server: directly, through nginx (one worker,
-keepalive to the upstream, buffering off) and through bioproxy (gunicorn, one gevent
-worker, default settings). Measures:
+Four ways to reach the same llama-server: directly, through nginx (one worker,
+keepalive to the upstream, buffering off), through the stack alone (gunicorn, one gevent
+worker, a Flask view forwarding with requests: bench/stack_floor.py) and through bioproxy
+(the same stack, default settings). Measures:
 
 1. GET /health with wrk at 1 and at 16 connections: latency p50/p99 and requests/s.
 2. A short streamed chat completion: time to first byte, time per event.
@@ -28,6 +29,7 @@ import time
 
 import requests
 
+from bench.stack_floor import StackFloor
 from bioproxy.llamacpp import LlamaServer
 from bioproxy.testing import Bioproxy, Nginx, free_port
 
@@ -186,6 +188,8 @@ def run(args, workdir):
         llama,
         Bioproxy(llama.url, os.path.join(workdir, "bioproxy-llama")) as proxy,
         Bioproxy(emitter.url, os.path.join(workdir, "bioproxy-emitter")) as proxy2,
+        StackFloor(llama.url, os.path.join(workdir, "floor-llama.log")) as floor,
+        StackFloor(emitter.url, os.path.join(workdir, "floor-emitter.log")) as floor2,
     ):
         nginx.start(nginx_llama)
         try:
@@ -197,6 +201,7 @@ def run(args, workdir):
                         f"http://127.0.0.1:{nginx_llama}",
                         f"http://127.0.0.1:{nginx_emitter}",
                     ),
+                    "the stack alone": (floor.url, floor2.url),
                     "bioproxy": (proxy.proxy_url, proxy2.proxy_url),
                 },
             )
