@@ -157,6 +157,7 @@ class Backend:
         self.caches = SavedCaches(registry, self.slots, self.prompts, metrics, self.discarded)
         self.variants = Variants(self, settings.variant_budget_bytes)
         self.evaluator = None
+        self.slots_hidden = False  # GET /slots answered 501 (--no-slots), last time asked
         if settings.warmup_backend_url:
             evaluator = upstream(settings, settings.warmup_backend_url, spec.api_key)
             pid, port = settings.warmup_backend_pid, urlsplit(settings.warmup_backend_url).port
@@ -392,7 +393,13 @@ class Backend:
             )
         if self.evaluator is not None and self.evaluator.problem:
             notes.append(f"the warmup llama-server is not used: {self.evaluator.problem}")
-        if self.evaluator is None or self.evaluator.problem:
+        if self.slots_hidden:
+            notes.append(
+                "llama-server hides its slots (started with --no-slots): bioproxy cannot see "
+                "what they hold, so it warms no template and sends requests on unscheduled; "
+                "start llama-server without --no-slots"
+            )
+        elif self.evaluator is None or self.evaluator.problem:
             # Measured (docs/BENCHMARKS.md, users during a warmup): 6-9x idle at p50.
             notes.append(
                 "templates are evaluated in this llama-server's own slots: a user who "

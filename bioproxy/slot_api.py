@@ -26,6 +26,10 @@ class IsRouter(BackendError):
     """GET /props says role "router": llama-server in router mode, its models behind it."""
 
 
+class SlotsHidden(BackendError):
+    """GET /slots answers 501: llama-server was started with --no-slots."""
+
+
 class SlotBusy(BackendError):
     """The action did not end in time: llama-server runs it only once the slot is idle."""
 
@@ -43,7 +47,12 @@ class SlotApi:
         if isinstance(props, dict) and props.get("role") == "router":
             # Its own /props: it would answer /slots 400, "model name is missing".
             raise IsRouter("GET /props", "this llama-server is a router (several models)")
-        slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
+        try:
+            slots = self.upstream.call("GET", "/slots", timeout=self.timeout)
+        except BackendError as e:
+            if e.status == 501:
+                raise SlotsHidden(e.call, e.reason, e.status) from e
+            raise
         return props, slots
 
     def fetch_states(self):

@@ -13,7 +13,7 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Pool
 
-from .slot_api import IsRouter
+from .slot_api import IsRouter, SlotsHidden
 from .upstream import BackendError
 from .warmth import State
 from .warmup import Warmups
@@ -105,6 +105,18 @@ class Warmer:
         except IsRouter:
             backend.discover()  # its models become backends of their own
             return
+        except SlotsHidden as e:
+            # Not a llama-server that is not ready yet: it never shows them.
+            if not backend.slots_hidden:
+                log.warning(
+                    "llama-server hides its slots (started with --no-slots; %s): bioproxy "
+                    "cannot see what they hold, so it warms no template and sends requests "
+                    "on unscheduled; start llama-server without --no-slots",
+                    e,
+                )
+                backend.left_routing()
+            backend.slots_hidden = self.backend_was_down = True
+            return
         except BackendError as e:
             if not self.backend_was_down:
                 log.warning("llama-server is not ready, warmups wait: %s", e)
@@ -119,7 +131,7 @@ class Warmer:
             for prefix, warmth in backend.warmth.items():
                 if self.catalog[prefix].template is not None:
                     warmth.mark_restarted()
-        self.backend_was_down = False
+        self.backend_was_down = backend.slots_hidden = False
         backend.failures = 0
         backend.scheduler.update_foreign(released)  # also serves the queue if slots were added
         now = time.monotonic()

@@ -36,6 +36,7 @@ class FakeLlama:
         self.clears_idle_slots = False
         self.ram = []  # texts in the RAM cache (--cache-ram), which unpinned requests reuse
         self.shows_tokens = True  # n_prompt_tokens in GET /slots
+        self.hides_slots = False  # started with --no-slots: GET /slots answers 501
         self.folder = None  # where saves also write their file, to be seen on disk
         self.rendered = []  # bodies of /apply-template
 
@@ -86,6 +87,9 @@ class FakeLlama:
         )
 
     def slots(self, request):
+        if self.hides_slots:  # llama-server's own words
+            message = "This server does not support slots endpoint. Start it with `--slots`"
+            return self._json(501, {"error": {"code": 501, "message": message}})
         return self._json(200, [self._slot(i, task) for i, task in self.tasks.items()])
 
     def _slot(self, i, task):

@@ -384,6 +384,29 @@ def test_with_llama_cpp_s_defaults_requests_go_unpinned_to_its_own_cache(app, ll
     assert any("own slots" in note and "warmup_backend_url" in note for note in mode["notes"])
 
 
+def test_a_llama_server_that_hides_its_slots_is_said_so_not_waited_for(
+    app, llama, client, admin, caplog
+):
+    # llama-server --no-slots answers GET /slots 501. bioproxy logged "llama-server is
+    # not ready, warmups wait" as if that would pass, and /status said nothing.
+    llama.hides_slots = True
+    warmer(app).check()
+    warmer(app).check()
+
+    assert llama.evaluated == []  # nothing warmed: its slots cannot be seen
+    assert ask(client, "@code Why?").status_code == 200  # requests still go on
+    notes = admin.get("/status").json["backend_mode"]["notes"]
+    assert any("--no-slots" in note for note in notes)
+    assert not any("own slots" in note for note in notes)  # it warms nowhere
+    assert sum("--no-slots" in r.message for r in caplog.records) == 1  # said once
+    assert not any("not ready" in r.message for r in caplog.records)
+
+    llama.hides_slots = False  # started again without it
+    warmer(app).check()
+    assert not any("--no-slots" in n for n in admin.get("/status").json["backend_mode"]["notes"])
+    assert backend(app).warmth["@code"].state.value == "warm"
+
+
 def test_a_follow_up_turn_keeps_the_template_and_reuses_the_cache(app, llama, client):
     # Issue 11.4: the follow-up was sent with the opening message raw, evaluated in full.
     warmer(app).check()

@@ -188,3 +188,25 @@ def test_back_to_back_requests_keep_their_template_s_slot(tmp_path):
     assert caches[1:] == ["slot"] * 3, caches
     assert review.headers["X-Bioproxy-Cache"] == "slot"  # never evicted
     assert review.json()["timings"]["cache_n"] > 200
+
+
+def test_a_llama_server_started_with_no_slots_is_said_so(tmp_path):
+    # llama-server -m MODEL --port P --no-slots answers GET /slots 501. bioproxy cannot
+    # see its slots: it warmed nothing and logged "not ready, warmups wait", as if that
+    # would pass, with nothing in /status. Now it says why, once, and passes requests on.
+    work, config = examples_workdir(tmp_path)
+    with users_llama(tmp_path, ["--no-slots"]) as llama, Bioproxy(llama.url, work, config) as bp:
+
+        def notes():
+            mode = requests.get(bp.admin_url + "/status", timeout=10).json()["backend_mode"]
+            return [note for note in mode["notes"] if "--no-slots" in note]
+
+        wait_until(notes, what="the note on --no-slots", timeout=30)
+        answer = post(bp.proxy_url, chat_body("@code How do I reverse a list?"))
+        log = bp.log()
+
+    assert answer.status_code == 200
+    assert answer.json()["choices"][0]["message"]["content"]
+    assert answer.json()["timings"]["prompt_n"] > 500  # evaluated whole: nothing was warmed
+    assert log.count("hides its slots") == 1, log
+    assert "not ready" not in log, log
