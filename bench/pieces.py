@@ -35,13 +35,11 @@ class Unchanging:
 
 
 def evaluate(prompts, text, piece_chars):
-    """Seconds to evaluate text into slot 0, in pieces of piece_chars (None: in one)."""
+    """Seconds to evaluate text into slot 0, in pieces of piece_chars (None: in one, as
+    the warmup llama-server evaluates a template: one streamed request)."""
     run = Evaluation(Unchanging(), 0, None, prompts, gate=None)
     start = time.monotonic()
-    if piece_chars is None:
-        prompts.complete(0, text)
-    else:
-        run.run(text, piece_chars)
+    run.run(text, piece_chars or len(text), in_one_piece=piece_chars is None)
     return time.monotonic() - start
 
 
