@@ -400,7 +400,7 @@ class Backend:
                 "start llama-server without --no-slots"
             )
         elif self.evaluator is None or self.evaluator.problem:
-            # Measured (docs/BENCHMARKS.md, users during a warmup): 6-9x idle at p50.
+            # Measured (docs/BENCHMARKS.md, users during a warmup): 5-12x idle at p50.
             notes.append(
                 "templates are evaluated in this llama-server's own slots: a user who "
                 "arrives meanwhile waits for the batch under way, several times the idle "
