@@ -17,12 +17,11 @@ Run by hand:  STACK_FLOOR_UPSTREAM=http://127.0.0.1:8081 .venv/bin/python -m gun
 import os
 import subprocess
 import sys
-import time
 
 import requests
 from flask import Flask, Response, request
 
-from bioproxy.testing import ROOT, free_port
+from bioproxy.testing import ROOT, free_port, stop_process, wait_answering
 
 UPSTREAM = os.environ.get("STACK_FLOOR_UPSTREAM", "http://127.0.0.1:8081")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
@@ -74,22 +73,16 @@ class StackFloor:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(self.url + "/health", timeout=5)
-                return self
-            except requests.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.__exit__()
-                    with open(self.log_path) as f:
-                        raise RuntimeError(f"the stack floor did not start:\n{f.read()}") from None
-                time.sleep(0.05)
+        try:
+            wait_answering(self.process, self.url + "/health", 30, "the stack floor", self.log)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
 
     def __exit__(self, *exc):
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, 15)
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()

@@ -97,6 +97,33 @@ def wait_until(check, timeout=120, what="condition", describe=lambda: "", every=
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; {describe()}")
 
 
+def wait_answering(process, url, timeout, name, log):
+    """Until url answers at all; RuntimeError with log() if the gunicorn process exits
+    first or timeout seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{log()}")
+        try:
+            requests.get(url, timeout=5)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{name} not ready after {timeout:g} s:\n{log()}")
+
+
+def stop_process(process, timeout):
+    """SIGTERM, then SIGKILL after timeout seconds (nothing if not started or ended)."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class Bioproxy:
     """bioproxy under real gunicorn with its gevent worker, configured by BIOPROXY_* variables."""
 
@@ -144,26 +171,11 @@ class Bioproxy:
 
     def wait_ready(self, timeout=30.0):
         """Wait until the admin port answers (whatever llama.cpp's state)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                requests.get(self.admin_url + "/health", timeout=5)
-                return self
-            except requests.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError(f"bioproxy not ready after {timeout:g} s:\n{self.log()}")
+        wait_answering(self.process, self.admin_url + "/health", timeout, "bioproxy", self.log)
+        return self
 
     def stop(self, timeout=15.0):
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout)
 
     def templates(self):
         """The admin port's /templates, by prefix."""
