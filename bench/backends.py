@@ -15,7 +15,14 @@ server's RAM cache, and with --cache-ram small enough that they do not (standing
 a model whose KV cache is large, or for many templates). Reported: time to first token
 p50/p95, templated requests apart, and the prompt tokens the three servers evaluated.
 
+--threads 1 starts each llama-server with one thread (-t 1). Three llama-servers of
+llama.cpp's default threads (one a core) on one small machine spin at ggml's barriers
+waiting for each other's cores, and a decoding step then takes seconds; with one thread
+each they share the cores by time slices, the nearer stand-in for one llama-server a
+machine, the case several backends are for.
+
 Run:    .venv/bin/python -m bench.backends [--requests-per-client 8] [--clients 6]
+            [--only LABEL] [--threads N]
 """
 
 import argparse
@@ -72,12 +79,14 @@ def nginx_round_robin(port, ports):
 class Run(Mixed):
     """One schedule of requests, played through nginx and through bioproxy."""
 
-    def __init__(self, folder, clients, per_client, seed=13):
+    def __init__(self, folder, clients, per_client, threads=None, seed=13):
         super().__init__(folder, per_client, seed, projects=PROJECTS, clients=clients)
+        self.threads = threads
 
     @contextlib.contextmanager
     def llamas(self, name, cache_ram):
         extra = ["--metrics"] + (["--cache-ram", str(cache_ram)] if cache_ram is not None else [])
+        extra += ["--threads", str(self.threads)] if self.threads else []
         with contextlib.ExitStack() as stack:
             servers = []
             for i in range(SERVERS):
@@ -131,11 +140,19 @@ class Run(Mixed):
 
 
 def all_warm(proxy):
+    """Every template warm on every backend, and each one's RAM cache measured where that
+    is done (ram_cache.py): bioproxy's start-up, as the nginx servers' first requests."""
     status = requests.get(proxy.admin_url + "/status", timeout=10).json()
     return all(
-        b["up"] and all(state == "warm" for state in b["templates"].values())
+        b["up"] and all(state == "warm" for state in b["templates"].values()) and measured(b)
         for b in status["backends"]
     )
+
+
+def measured(backend):
+    mode = backend["backend_mode"]
+    unmeasured = mode["clears_idle_slots"] and mode["saves"]
+    return not unmeasured or mode["ram_cache_keeps_templates"] is not None
 
 
 def wait(check, what, timeout=900, step=0.5):
@@ -167,10 +184,12 @@ def main():
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--requests-per-client", type=int, default=8)
     parser.add_argument("--only", choices=sorted(CACHE_RAM), action="append")
+    parser.add_argument("--threads", type=int, help="each llama-server's -t (default: its own)")
     args = parser.parse_args()
     print(machine())
+    threads = f", -t {args.threads}" if args.threads else ""
     print(
-        f"{SERVERS} llama-servers (llama.cpp's defaults, --metrics, a slot folder), "
+        f"{SERVERS} llama-servers (llama.cpp's defaults, --metrics, a slot folder{threads}), "
         f"{len(PROJECTS)} templates of ~1,000 tokens, {args.clients} clients x "
         f"{args.requests_per_client} requests, {PLAIN_SHARE:.0%} plain, mean gap {MEAN_GAP:g} s"
     )
@@ -189,7 +208,8 @@ def main():
         for label, cache_ram in CACHE_RAM.items():
             if args.only and label not in args.only:
                 continue
-            run = Run(os.path.join(folder, str(len(lines))), args.clients, args.requests_per_client)
+            folder_run = os.path.join(folder, str(len(lines)))
+            run = Run(folder_run, args.clients, args.requests_per_client, args.threads)
             nginx, nginx_p95 = rows(f"{label} / nginx round robin", *run.nginx(cache_ram))
             ours, our_p95 = rows(f"{label} / bioproxy", *run.bioproxy(cache_ram))
             lines += [nginx, ours]

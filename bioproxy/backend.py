@@ -20,6 +20,8 @@ from .gate import Gate
 from .hold import Hold
 from .pool import serving
 from .prompts import Prompts
+from .ram_cache import NOTES as RAM_NOTES
+from .ram_cache import RamCache
 from .registry import Registry
 from .scheduler import Scheduler
 from .slot_api import SlotApi
@@ -158,6 +160,7 @@ class Backend:
         self.variants = Variants(self, settings.variant_budget_bytes)
         self.evaluator = None
         self.slots_hidden = False  # GET /slots answered 501 (--no-slots), last time asked
+        self.ram = RamCache()  # its RAM cache, where it clears idle slots (ram_cache.py)
         if settings.warmup_backend_url:
             evaluator = upstream(settings, settings.warmup_backend_url, spec.api_key)
             pid, port = settings.warmup_backend_pid, urlsplit(settings.warmup_backend_url).port
@@ -305,6 +308,7 @@ class Backend:
 
     def rejoin(self):
         """llama-server restarted (or was gone): held out of templated routing again."""
+        self.ram.reset()
         if not self.joining:
             log.warning("backend %s: warming its templates before templated requests", self.name)
         self.joining = True
@@ -387,9 +391,9 @@ class Backend:
         if table.cleared:
             notes.append(
                 "llama-server clears idle slots (a unified KV cache, its default without "
-                "-np): "
-                + "requests go unpinned, for it to place where its RAM cache (--cache-ram) "
-                "or a slot holds the template"
+                "-np): requests go unpinned, for it to place where its RAM cache "
+                "(--cache-ram) or a slot holds the template"
+                + ("" if self.caches.unsupported else "; " + RAM_NOTES[self.ram.keeps])
             )
         if self.evaluator is not None and self.evaluator.problem:
             notes.append(f"the warmup llama-server is not used: {self.evaluator.problem}")
@@ -410,6 +414,7 @@ class Backend:
         return {
             "pinned": pins,
             "clears_idle_slots": table.cleared,
+            "ram_cache_keeps_templates": self.ram.keeps if table.cleared else None,
             "saves": not self.caches.unsupported,
             "warmup_backend": self.evaluator and self.evaluator.describe(),
             "notes": notes,

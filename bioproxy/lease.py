@@ -54,7 +54,10 @@ class Lease:
         started = body is not None and body.status == 200 and bool(body.first)
         try:
             if self.template is not None and body is not None:  # an answer came
-                self._account(body.timings() or {})
+                timings = body.timings() or {}
+                self._account(timings)
+                if complete and body.status == 200:
+                    self._left_in_ram(timings)
         finally:
             if self.ticket is not None:
                 succeeded = complete and body.status == 200
@@ -70,9 +73,11 @@ class Lease:
         if all(_count(n) for n in (reused, evaluated)):
             metrics.tokens_reused.labels(prefix).inc(reused)
             metrics.tokens_evaluated.labels(prefix).inc(evaluated)
-            warm = _found_warm(reused, tokens)
+            warm = found_warm(reused, tokens)
             if self.cache == "server":
                 self.outcome = "server" if warm else "cold"  # llama-server's own cache
+                if not warm and self.backend.slots.table.cleared:
+                    self._not_in_ram(reused, tokens)
             elif self.cache == "cold":
                 # Found all the same, in llama-server's own cache: b11434 loads a RAM copy
                 # for a pinned request too, when its slot held other work (not when it
@@ -87,6 +92,34 @@ class Lease:
         if variant is not None:
             variant.count_request(self.outcome)
             self.backend.variants.used(variant)
+
+    def _not_in_ram(self, reused, tokens):
+        """Left to llama-server's RAM cache, it found the template missing there: the
+        requests after it are restored first (ram_cache.py)."""
+        if self.backend.ram.missed():
+            log.warning(
+                "%s: llama-server's RAM cache did not hold it (reused %d of its %s tokens): "
+                "templated requests on %s are restored from their saved files first from "
+                "now on (a larger --cache-ram would keep them)",
+                self.entry.prefix,
+                reused,
+                tokens,
+                self.backend.name,
+            )
+
+    def _left_in_ram(self, timings):
+        """Answered in full, its slot holds the template and this conversation: where
+        llama-server clears idle slots, it copies that slot into its RAM cache at its next
+        task's start (ram_cache.py). Not a variant's head, nor a request not placed for
+        the template's cache (those hold prompts of their own)."""
+        backend = self.backend
+        if self.variant is not None or not self._placed_for_template():
+            return
+        if not backend.slots.table.cleared:
+            return
+        counts = [timings.get(name) for name in ("cache_n", "prompt_n", "predicted_n")]
+        if all(_count(n) for n in counts):
+            backend.ram.left(self.entry.prefix, self.template.digest, sum(counts))
 
     def _placed_for_template(self):
         """Placed by bioproxy for the template's cache (not a templated completion, nor a
@@ -152,6 +185,6 @@ def _count(n):
     return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
-def _found_warm(reused, tokens):
+def found_warm(reused, tokens):
     """Whether an answer that reused this many tokens found a template of tokens warm."""
     return not tokens or reused >= tokens - min(MISS_SLACK, tokens // 2)

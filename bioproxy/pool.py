@@ -8,8 +8,9 @@ what bioproxy knows of each now:
 - the wait for a slot there: none when one is free, else the average time a user holds a
   slot there times the users ahead of it, over its slots;
 - then, for a templated request, what it takes to have the template in that slot: nothing
-  where a free slot holds it, a restore where its cache is saved (milliseconds), else an
-  evaluation of the template (as long as its last warmup took).
+  where a free slot holds it (or the RAM cache of a llama-server that clears idle slots
+  holds a copy, as counted: ram_cache.py), a restore where its cache is saved
+  (milliseconds), else an evaluation of the template (as long as its last warmup took).
 
 So a templated request goes where its template is warm, and spills over to another
 backend, which restores or evaluates it there, once waiting at the warm ones would cost
@@ -198,13 +199,19 @@ def wait_seconds(backend):
 
 
 def prepare_seconds(backend, entry, template, evaluation):
-    """What having the template in a slot there would take: held in a free slot, saved,
-    or evaluated. A slot that holds it but is busy is no better than a restore into
-    another: concurrent requests of one template spread over the backends that have it."""
+    """What having the template in a slot there would take: held in a free slot or in
+    its RAM cache, saved, or evaluated. A slot that holds it but is busy is no better
+    than a restore into another: concurrent requests of one template spread over the
+    backends that have it."""
     table = backend.slots.table
     if any(table.whole(slot) == entry.prefix for slot in backend.scheduler.free_slots()):
         return 0.0
-    if template is not None and backend.caches.find(entry.prefix, template) is not None:
+    if template is None:
+        return evaluation
+    tokens = backend.warmth[entry.prefix].tokens
+    if not backend.pins() and backend.ram.holds(entry.prefix, template.digest, tokens):
+        return 0.0  # in its RAM cache, as counted (ram_cache.py)
+    if backend.caches.find(entry.prefix, template) is not None:
         return RESTORE_SECONDS
     return evaluation
 

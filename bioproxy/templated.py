@@ -145,10 +145,15 @@ def _made_ready(backend, ticket, expansion):
         # slot, it would not (b11434 loads for a pinned task only when its slot holds
         # other work: docs/TEMPLATES.md).
         return "server"
+    warmth = backend.warmth[entry.prefix]
+    if not backend.pins() and backend.ram.take(entry.prefix, template.digest, warmth.tokens):
+        # llama-server clears idle slots into its RAM cache, which keeps templates and
+        # holds a copy of this one as counted (ram_cache.py): it loads that copy, with
+        # the conversation it carries, where a restore would give back the template alone.
+        return "server"
     # Unpinned too when llama-server clears idle slots: the restored slot, or the copy of
     # it llama-server keeps in its RAM cache when it clears it, is where it places it. A
     # restore that fails leaves it pinned and cold: it then fills its slot.
-    warmth = backend.warmth[entry.prefix]
     return backend.caches.restore_for_request(entry, warmth, template, ticket.slot)
 
 

@@ -13,6 +13,7 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Pool
 
+from . import ram_cache
 from .slot_api import IsRouter, SlotsHidden
 from .upstream import BackendError
 from .warmth import State
@@ -40,6 +41,7 @@ class Warmer:
         # A warmup may wait long for a slot: in a pool of its own, a pass never waits.
         self.pool = Pool(concurrency)
         self.warming = set()  # prefixes with a warmup greenlet
+        self.probe = None  # the greenlet measuring llama-server's RAM cache (ram_cache.py)
 
     # The loop.
 
@@ -54,6 +56,8 @@ class Warmer:
             run.cancel()  # closes its connection, so llama-server stops too
         self.greenlet.kill()
         self.pool.kill()
+        if self.probe is not None:
+            self.probe.kill()
         self.backend.scheduler.forget_foreign()  # no pass will read the slots again
         log.info("warmer stopped")
 
@@ -154,8 +158,20 @@ class Warmer:
             self.warming.add(prefix)
             self.pool.spawn(self.warm_logged, prefix)
         backend.check_joined()
+        if not self.warming and self.probe is None and ram_cache.wanted(backend, self.catalog):
+            self.probe = gevent.spawn(self.probe_ram_cache)
         if wait:
             self.pool.join()
+            if self.probe is not None:
+                self.probe.join()
+
+    def probe_ram_cache(self):
+        try:
+            ram_cache.probe(self.backend, self.catalog)
+        except Exception:
+            log.exception("looking at llama-server's RAM cache failed")
+        finally:
+            self.probe = None
 
     def reload(self):
         """Read the templates again: one whose text is new is stale (on every backend)."""

@@ -35,6 +35,7 @@ class FakeLlama:
         self.on_action = None  # called with (action, slot, filename) before it is answered
         self.clears_idle_slots = False
         self.ram = []  # texts in the RAM cache (--cache-ram), which unpinned requests reuse
+        self.ram_keeps = True  # False: a --cache-ram too small for any slot's copy
         self.shows_tokens = True  # n_prompt_tokens in GET /slots
         self.hides_slots = False  # started with --no-slots: GET /slots answers 501
         self.folder = None  # where saves also write their file, to be seen on disk
@@ -70,7 +71,7 @@ class FakeLlama:
             # cache, and clears it.
             for other in self.contents:
                 if other != slot and other not in self.busy and self.contents[other]:
-                    self.ram.append(self.contents[other])
+                    self._keep(self.contents[other])
                     self.contents[other] = ""
         self.restored.discard(slot)
         self.tasks[slot] = self.next_task
@@ -131,8 +132,10 @@ class FakeLlama:
         if self.on_completion is not None:
             self.on_completion(body)
         slot = body.get("id_slot")
-        if slot is None:
+        if slot is None or slot == -1:
             slot = self._place(body["prompt"])
+        elif self.clears_idle_slots:
+            self._pinned(slot, body["prompt"])
         prompt, held = body["prompt"], self.contents[slot]
         n = len(prompt.split())
         # Reused: what the slot holds, if the prompt starts with it; never the last token.
@@ -144,7 +147,7 @@ class FakeLlama:
             "content": "",
             "stop": True,
             "tokens_evaluated": n,
-            "timings": {"cache_n": cached, "prompt_n": n - cached},
+            "timings": {"cache_n": cached, "prompt_n": n - cached, "predicted_n": 1},
         }
         if body.get("stream"):
             events = f"data: {json.dumps({'content': ''})}\n\ndata: {json.dumps(answer)}\n\n"
@@ -183,8 +186,20 @@ class FakeLlama:
         slot = holding[0] if holding else free[0]
         if holding:
             return slot
+        self._load(slot, prompt)
+        return slot
+
+    def _pinned(self, slot, prompt):
+        """A request pinned to a slot that holds other work (it would keep less than half
+        of it) has that work kept in the RAM cache and loads from there, as b11434 does;
+        pinned to an empty slot, it loads nothing (llama.cpp issue 28139)."""
+        held = self.contents[slot]
+        if held and _common_words(held, prompt + " .") < max(len(held.split()), 1) / 2:
+            self._load(slot, prompt)
+
+    def _load(self, slot, prompt):
         if self.contents[slot]:  # what it held is kept there first
-            self.ram.append(self.contents[slot])
+            self._keep(self.contents[slot])
             self.contents[slot] = ""
         # The entry sharing the longest start with the prompt, if it keeps a quarter of
         # itself (llama.cpp's server_prompt_cache::load).
@@ -194,7 +209,10 @@ class FakeLlama:
             best = max(usable, key=shared.get)
             self.ram.remove(best)
             self.contents[slot] = best
-        return slot
+
+    def _keep(self, text):
+        if self.ram_keeps:
+            self.ram.append(text)
 
     def chat(self, request):
         body = json.loads(request.body)
@@ -205,7 +223,7 @@ class FakeLlama:
             slot = self._place(prompt)
         cached = _common_words(self.contents[slot], prompt)  # as llama-server's cache_prompt
         self._task(slot, prompt)
-        timings = {"cache_n": cached, "prompt_n": len(prompt.split()) - cached}
+        timings = {"cache_n": cached, "prompt_n": len(prompt.split()) - cached, "predicted_n": 1}
         return self._json(200, {"choices": [{"message": {"content": "ok"}}], "timings": timings})
 
 

@@ -171,6 +171,55 @@ def test_a_follow_up_turn_keeps_the_template_and_evaluates_only_its_new_words(tm
     assert not same_answer(wrong, uncached)
 
 
+@pytest.mark.parametrize("cache_ram", [None, 16], ids=["default-cache-ram", "cache-ram-16"])
+def test_later_turns_evaluate_only_their_new_words_where_idle_slots_are_cleared(
+    tmp_path, cache_ram
+):
+    # llama.cpp's defaults with a slot folder: each templated request was restored from
+    # the template's file first, so a later turn got the template back without the turns
+    # before it and evaluated them all again (turns 2-4: 69, 125, 180 tokens). Where the
+    # RAM cache keeps the conversation (measured by bioproxy, not assumed), it is left to
+    # that; where a --cache-ram of 16 MiB keeps nothing, bioproxy measures that too and
+    # restores, and llama-server alone could do no better.
+    args = [] if cache_ram is None else ["--cache-ram", str(cache_ram)]
+    slots = tmp_path / "slots"
+    work, config = examples_workdir(tmp_path, slots)
+    with users_llama(tmp_path, args, slots) as llama, Bioproxy(llama.url, work, config) as bp:
+
+        def measured():
+            mode = requests.get(bp.admin_url + "/status", timeout=10).json()["backend_mode"]
+            return mode["ram_cache_keeps_templates"] is not None and mode
+
+        wait_until(bp.all_warm, what="every template warm")
+        mode = wait_until(measured, what="the RAM cache measured", timeout=60)
+        messages = [{"role": "user", "content": "@code How do I reverse a list?"}]
+        turns = []
+        for words in ("And in place?", "What about a tuple?", "And a string?", None):
+            answer = post(bp.proxy_url, {**chat_body(""), "messages": messages})
+            turns.append((answer.headers["X-Bioproxy-Cache"], answer.json()["timings"]))
+            if words is None:
+                break
+            post(bp.proxy_url, chat_body("Name a colour."))  # a task between the turns
+            reply = answer.json()["choices"][0]["message"]["content"]
+            messages.append({"role": "assistant", "content": reply})
+            messages.append({"role": "user", "content": words})
+        log = bp.log()
+
+    print(mode, *turns, sep="\n")  # pytest -s: the figures in docs/TEMPLATES.md
+    assert mode["ram_cache_keeps_templates"] is (cache_ram is None), (mode, log[-3000:])
+    # The first turn: restored, or the copy the RAM cache probe left (it probes @code).
+    assert turns[0][0] in ("restored", "server"), turns
+    assert all(t["cache_n"] > 900 for _, t in turns), turns  # the template, every turn
+    later = turns[1:]
+    if cache_ram is None:
+        assert [cache for cache, _ in later] == ["server"] * 3, turns
+        assert all(t["prompt_n"] < 40 for _, t in later), turns  # only the new turn
+        assert [t["cache_n"] for _, t in later] == sorted(t["cache_n"] for _, t in later)
+    else:
+        assert [cache for cache, _ in later] == ["restored"] * 3, turns
+        assert "did not keep" in log, log[-3000:]
+
+
 def test_back_to_back_requests_keep_their_template_s_slot(tmp_path):
     # Issue 11.5, with the llama-server bioproxy starts itself (-np 2, a slot folder): a
     # request sent the moment the previous one's answer ended found that slot not yet
