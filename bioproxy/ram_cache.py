@@ -11,13 +11,19 @@ where a restore from the template's file gives back the template alone.
 
 bioproxy sees none of this: llama-server does not say what its RAM cache holds, nor how
 large it is. What it knows comes from two measurements: once per llama-server start,
-a probe (warmer.py) tells whether the cache keeps a template at all (a --cache-ram too
-small for one keeps none); and each request left to the cache says in its timings
-whether its template was found there. Between the two, bioproxy counts the copies that
-each templated request leaves behind and each one left to the cache takes away. A
-request is left to the cache only where the count says a copy is there, else its
-template is restored from its file first; the first request that finds it missing sets
-every later one back to restoring, until llama-server restarts.
+a probe (probe() below, run by warmer.py) tells whether the cache keeps a template at
+all (a --cache-ram too small for one keeps none); and each request left to the cache
+says in its timings whether its template was found there. Between the two, bioproxy
+counts the copies that each templated request leaves behind and each one left to the
+cache takes away. A request is left to the cache only where the count says a copy is
+there, else its template is restored from its file first; the first request that
+finds it missing sets every later one back to restoring, until llama-server restarts.
+
+Not counted, so found only by a miss: copies evicted past --cache-ram, and a copy passed
+over for another. llama-server takes a copy only if it is better than the best before
+it in both the share of itself reused and the share of the prompt (in the cache's
+order), so a short plain conversation's copy, most of which a request reuses (the chat
+template's opening), can hide a template's copy that carries a long answer.
 """
 
 import logging

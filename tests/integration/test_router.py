@@ -38,6 +38,10 @@ def router(folder, defaults=False):
             os.killpg(server.process.pid, signal.SIGKILL)  # its models' servers too
 
 
+# What a warm templated request may be served from, where llama-server clears idle slots.
+WARM = ("slot", "restored", "server")
+
+
 def ask(proxy, text, **extra):
     body = {"messages": [{"role": "user", "content": text}], "max_tokens": 4, **extra}
     answer = requests.post(proxy.proxy_url + "/v1/chat/completions", json=body, timeout=120)
@@ -162,9 +166,10 @@ def test_a_router_named_without_its_models_has_each_found_warmed_and_served_warm
             ):
                 extra = {"model": model} if model else {}
                 backend, cache, answer = ask(proxy, text, **extra)
-                # Restored before the request: a router's models, started with llama.cpp's
-                # defaults, clear their idle slots (a unified KV cache).
-                assert backend == f"{name}/{unit}" and cache in ("slot", "restored"), answer
+                # Restored before the request, or left to the RAM cache once measured: a
+                # router's models, started with llama.cpp's defaults, clear their idle
+                # slots (a unified KV cache). prompt_n tells it was warm either way.
+                assert backend == f"{name}/{unit}" and cache in WARM, answer
                 assert answer["timings"]["prompt_n"] < 40, answer["timings"]
                 assert answer["model"] == unit
 
@@ -180,7 +185,7 @@ def test_a_router_named_without_its_models_has_each_found_warmed_and_served_warm
                 describe=lambda: str(shown(proxy)),
             )
             backend, cache, answer = ask(proxy, "@review y = 2")
-            assert backend == f"{name}/coder" and cache in ("slot", "restored"), answer
+            assert backend == f"{name}/coder" and cache in WARM, answer
             assert "no longer lists the model writer" in proxy.log()
 
             # Back: a backend again, warm from the file it saved before.
@@ -193,5 +198,5 @@ def test_a_router_named_without_its_models_has_each_found_warmed_and_served_warm
                 describe=lambda: str(shown(proxy)),
             )
             backend, cache, answer = ask(proxy, "@review z = 3", model="writer")
-            assert backend == f"{name}/writer" and cache in ("slot", "restored"), answer
+            assert backend == f"{name}/writer" and cache in WARM, answer
             assert answer["timings"]["prompt_n"] < 40, answer["timings"]
