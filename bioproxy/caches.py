@@ -103,10 +103,11 @@ class SavedCaches:
         except BackendError:
             return "cold"
 
-    def restore(self, entry, warmth, template, slot, variant=None):
+    def restore(self, entry, warmth, template, slot, variant=None, mark=True):
         """Restore the template's saved cache into the slot: whether there was one to use.
 
-        variant: restore that variant's file instead (warmth is then not touched). A file
+        variant: restore that variant's file instead (warmth is then not touched); mark
+        False: neither is it (the RAM cache probe's restore is no warmup). A file
         that llama-server cannot read or that holds something else is forgotten, and the
         template warmed again (a variant's is saved again after its next request); other
         failures raise BackendError.
@@ -152,7 +153,7 @@ class SavedCaches:
             discard()
             return False
         self.slots.mark(slot, key, template.digest)
-        if variant is None and entry.is_current(template):
+        if mark and variant is None and entry.is_current(template):
             last = {
                 "at": time.time(),
                 "outcome": "restored",

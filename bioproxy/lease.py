@@ -117,7 +117,7 @@ class Lease:
             return
         if not backend.slots.table.cleared:
             return
-        counts = [timings.get(name) for name in ("cache_n", "prompt_n", "predicted_n")]
+        counts = [timings.get("cache_n"), timings.get("prompt_n"), timings.get("predicted_n", 0)]
         if all(_count(n) for n in counts):
             backend.ram.left(self.entry.prefix, self.template.digest, sum(counts))
 

@@ -44,8 +44,10 @@ REUSED_SHARE = 0.3
 # The copies of one template counted at most: llama-server evicts the oldest first, and
 # where requests are restored first their copies are never taken.
 COPIES_COUNTED = 32
-# Seconds before a probe that failed (llama-server did not answer it) is tried again.
+# Seconds before a probe that failed (llama-server did not answer it) is tried again,
+# doubled after each failure in a row, up to PROBE_RETRY_MAX.
 PROBE_RETRY = 60.0
+PROBE_RETRY_MAX = 3600.0
 
 # What /status says of it, by RamCache.keeps.
 NOTES = {
@@ -68,12 +70,23 @@ class RamCache:
         self.keeps = None
         self.copies = {}  # (key, digest) -> tokens of each copy of that head left there
         self.probe_at = 0.0  # no probe before this time.monotonic() (one failed)
+        self.failures = 0  # probes in a row that failed
+        # Counts the restarts: a probe that spans one measured the server before it.
+        self.generation = 0
 
     def reset(self):
         """llama-server restarted: an empty cache, maybe of another size."""
         self.keeps = None
         self.copies.clear()
         self.probe_at = 0.0
+        self.failures = 0
+        self.generation += 1
+
+    def probe_failed(self):
+        """No probe again before a pause that doubles with each failure in a row."""
+        pause = min(PROBE_RETRY * 2**self.failures, PROBE_RETRY_MAX)
+        self.failures += 1
+        self.probe_at = time.monotonic() + pause
 
     def left(self, key, digest, tokens):
         """A request (or the probe) ended with the head (key, digest) in a slot, tokens in
@@ -129,42 +142,60 @@ def probe(backend, catalog):
     # The largest: where its KV cache fits in the RAM cache, the others' do too (a
     # --cache-ram of 16 MiB kept the bundled model's 257-token template, not its 911).
     entry = max(warm, key=lambda e: backend.warmth[e.prefix].tokens)
-    template, warmth = entry.template, backend.warmth[entry.prefix]
-    backend.ram.probe_at = time.monotonic() + PROBE_RETRY  # if this one fails
+    template, warmth, ram = entry.template, backend.warmth[entry.prefix], backend.ram
+    generation = ram.generation
     ticket = Ticket(WARMUP, entry.prefix, digest=template.digest)
     slot = backend.scheduler.acquire(ticket)
     try:
-        if not backend.caches.restore(entry, warmth, template, slot):
+        if not backend.caches.restore(entry, warmth, template, slot, mark=False):
             return
         head = backend.prompts.fetch_head(template)
         # Both pinned to the probe's slot, where users' requests do not wait behind them.
         # Pinned to a slot holding other work, b11434 copies that work into its RAM
         # cache and loads the best copy it holds for the prompt, as for an unpinned one.
         backend.prompts.complete(slot, " ")
-        timings = backend.prompts.complete(slot, head).get("timings") or {}
+        answer = backend.prompts.complete(slot, head)
+        timings = answer.get("timings") if isinstance(answer, dict) else None
+        reused, evaluated = _counts(timings)
     except BackendError as e:
         log.warning("could not look at llama-server's RAM cache on %s: %s", backend.name, e)
+        ram.probe_failed()
         return
     finally:
         backend.slots.forget(slot)  # llama-server clears it at its next task's start
         backend.scheduler.release(ticket)
-    counts = [timings.get(name) for name in ("cache_n", "prompt_n", "predicted_n")]
-    if not all(isinstance(n, int) and n >= 0 for n in counts):
-        return
-    keeps = found_warm(counts[0], warmth.tokens)
-    backend.ram.measured(keeps)
+    if ram.generation != generation:
+        return  # llama-server restarted meanwhile: measured again once warm
+    keeps = found_warm(reused, warmth.tokens)
+    ram.measured(keeps)
+    ram.failures = 0
     if keeps:
-        backend.ram.left(entry.prefix, template.digest, sum(counts))  # the head's slot
+        ram.left(entry.prefix, template.digest, reused + evaluated)  # the head's slot
     (log.info if keeps else log.warning)(
         "llama-server on %s clears idle slots; its RAM cache %s %s (reused %d of %s "
         "tokens): templated requests %s",
         backend.name,
         "keeps" if keeps else "did not keep",
         entry.prefix,
-        counts[0],
+        reused,
         warmth.tokens,
         "are left to it where it holds their template" if keeps else "restore first",
     )
+
+
+def _counts(timings):
+    """(cache_n, prompt_n plus predicted_n) of a completion's timings; BackendError if
+    they are not there."""
+    timings = timings if isinstance(timings, dict) else {}
+    reused, prompt = timings.get("cache_n"), timings.get("prompt_n")
+    predicted = timings.get("predicted_n", 0)
+    if not all(_count(n) for n in (reused, prompt, predicted)):
+        raise BackendError("POST /completion", f"the answer's timings are not counts: {timings}")
+    return reused, prompt + predicted
+
+
+def _count(n):
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
 def wanted(backend, catalog):

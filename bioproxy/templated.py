@@ -146,7 +146,10 @@ def _made_ready(backend, ticket, expansion):
         # other work: docs/TEMPLATES.md).
         return "server"
     warmth = backend.warmth[entry.prefix]
-    if not backend.pins() and backend.ram.take(entry.prefix, template.digest, warmth.tokens):
+    # Not a request whose client named its slot: llama-server runs it there, and pinned to
+    # a slot it cleared, it loads nothing from its RAM cache.
+    left = not backend.pins() and ticket.wanted is None
+    if left and backend.ram.take(entry.prefix, template.digest, warmth.tokens):
         # llama-server clears idle slots into its RAM cache, which keeps templates and
         # holds a copy of this one as counted (ram_cache.py): it loads that copy, with
         # the conversation it carries, where a restore would give back the template alone.

@@ -187,3 +187,35 @@ def test_the_copies_counted_are_bounded():
     for n in range(1000):
         ram.left("@code", "d1", 100 + n)
     assert len(ram.copies[("@code", "d1")]) == COPIES_COUNTED
+
+
+def test_a_request_whose_client_named_its_slot_is_restored_there(app, llama, client):
+    # The client's id_slot goes to llama-server as sent: left to the RAM cache, the
+    # request ran pinned to a slot llama-server had cleared, and loaded nothing there.
+    warmer(app).check()
+    warmer(app).check()
+    assert ask(client, "@code How?").headers["X-Bioproxy-Cache"] == "server"  # the probe's
+    ask(client, "A plain one.")
+
+    answer = ask(client, "@code And why?", id_slot=1)
+
+    assert answer.headers["X-Bioproxy-Cache"] == "restored"
+    assert restores(llama)[-1][1] == 1
+    assert llama.chats[-1]["id_slot"] == 1
+    assert answer.get_json()["timings"]["cache_n"] > 0
+
+
+def test_a_probe_that_spans_a_restart_measures_nothing(app, llama):
+    warmer(app).check()
+    ram = backend(app).ram
+
+    def restarted(body):
+        if body["prompt"] != " ":
+            ram.reset()  # as the pass that finds the restart does, while the head runs
+
+    llama.on_completion = restarted
+    warmer(app).check()
+
+    assert ram.keeps is None and ram.copies == {}
+    state = backend(app).warmth["@code"]
+    assert state.last_warmup["outcome"] != "restored"  # the probe's restore is no warmup
