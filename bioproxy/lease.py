@@ -70,7 +70,7 @@ class Lease:
         warmth = self.backend.warmth[prefix]
         tokens = variant.tokens if variant else warmth.tokens  # of the head it should reuse
         reused, evaluated = timings.get("cache_n"), timings.get("prompt_n")
-        if all(_count(n) for n in (reused, evaluated)):
+        if all(is_count(n) for n in (reused, evaluated)):
             metrics.tokens_reused.labels(prefix).inc(reused)
             metrics.tokens_evaluated.labels(prefix).inc(evaluated)
             warm = found_warm(reused, tokens)
@@ -118,7 +118,7 @@ class Lease:
         if not backend.slots.table.cleared:
             return
         counts = [timings.get("cache_n"), timings.get("prompt_n"), timings.get("predicted_n", 0)]
-        if all(_count(n) for n in counts):
+        if all(is_count(n) for n in counts):
             backend.ram.left(self.entry.prefix, self.template.digest, sum(counts))
 
     def _placed_for_template(self):
@@ -181,7 +181,7 @@ class Lease:
             backend.scheduler.release(self.ticket, drain)
 
 
-def _count(n):
+def is_count(n):
     return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 

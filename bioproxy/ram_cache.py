@@ -30,7 +30,7 @@ import logging
 import time
 from collections import deque
 
-from .lease import found_warm
+from .lease import found_warm, is_count
 from .scheduler import WARMUP, Ticket
 from .upstream import BackendError
 from .warmth import State
@@ -113,6 +113,7 @@ class RamCache:
 
     def measured(self, keeps):
         self.keeps = keeps
+        self.failures = 0
         if not keeps:
             self.copies.clear()
 
@@ -168,7 +169,6 @@ def probe(backend, catalog):
         return  # llama-server restarted meanwhile: measured again once warm
     keeps = found_warm(reused, warmth.tokens)
     ram.measured(keeps)
-    ram.failures = 0
     if keeps:
         ram.left(entry.prefix, template.digest, reused + evaluated)  # the head's slot
     (log.info if keeps else log.warning)(
@@ -189,13 +189,9 @@ def _counts(timings):
     timings = timings if isinstance(timings, dict) else {}
     reused, prompt = timings.get("cache_n"), timings.get("prompt_n")
     predicted = timings.get("predicted_n", 0)
-    if not all(_count(n) for n in (reused, prompt, predicted)):
+    if not all(is_count(n) for n in (reused, prompt, predicted)):
         raise BackendError("POST /completion", f"the answer's timings are not counts: {timings}")
     return reused, prompt + predicted
-
-
-def _count(n):
-    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
 def wanted(backend, catalog):
